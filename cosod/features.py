@@ -1,0 +1,132 @@
+"""On-disk cache of backbone features per (image content, backbone, input size).
+
+Layout: ``<root>/<backbone id>/<hash[:2]>/<hash>.npz`` holding ``tokens``, ``keys`` (float16, h x w x C) and
+``cls_attention`` (float16, h x w). Writes go to a temp file in the same folder and are renamed into place,
+so readers in other processes only ever see complete files; two processes writing the same entry write the
+same bytes, and the last rename wins. An unreadable entry is treated as a miss and replaced.
+
+Features are always rounded to float16, with or without a cache, so a hit returns exactly what a miss
+computes and results never depend on whether a cache is configured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbones import Backbone, BackboneFeatures
+
+log = logging.getLogger(__name__)
+
+
+def image_hash(image: np.ndarray) -> str:
+    """sha256 of an image's pixels and shape (the same picture saved as PNG or JPEG-decoded differs)."""
+    arr = np.ascontiguousarray(image)
+    h = hashlib.sha256(f"{arr.dtype}:{arr.shape}:".encode())
+    h.update(arr.data)
+    return h.hexdigest()
+
+
+def _half(feats: BackboneFeatures) -> BackboneFeatures:
+    return BackboneFeatures(
+        feats.tokens.half().float(), feats.keys.half().float(), feats.cls_attention.half().float()
+    )
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+
+
+class FeatureCache:
+    """Backbone features keyed by image content hash and backbone id, stored under ``root``."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+        self.stats = CacheStats()
+
+    def _path(self, digest: str, backbone_id: str) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", backbone_id)
+        return self.root / safe / digest[:2] / f"{digest}.npz"
+
+    def get(self, digest: str, backbone_id: str) -> BackboneFeatures | None:
+        """Features of one image (batch dim 1), or None on a miss."""
+        path = self._path(digest, backbone_id)
+        try:
+            with np.load(path) as data:
+                feats = BackboneFeatures(
+                    torch.from_numpy(data["tokens"].astype(np.float32))[None],
+                    torch.from_numpy(data["keys"].astype(np.float32))[None],
+                    torch.from_numpy(data["cls_attention"].astype(np.float32))[None],
+                )
+        except FileNotFoundError:
+            self.stats.misses += 1
+            return None
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            log.warning("feature cache entry %s is unreadable (%s); recomputing", path, exc)
+            path.unlink(missing_ok=True)
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        return feats
+
+    def put(self, digest: str, backbone_id: str, feats: BackboneFeatures) -> None:
+        """Store the features of one image (batch dim 1)."""
+        path = self._path(digest, backbone_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{digest[:8]}.", suffix=".npz.tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(
+                    f,
+                    tokens=feats.tokens[0].numpy().astype(np.float16),
+                    keys=feats.keys[0].numpy().astype(np.float16),
+                    cls_attention=feats.cls_attention[0].numpy().astype(np.float16),
+                )
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def encode_images(
+    backbone: Backbone,
+    images: Sequence[np.ndarray],
+    *,
+    cache: FeatureCache | None = None,
+    hashes: Sequence[str] | None = None,
+    batch_size: int = 8,
+) -> BackboneFeatures:
+    """Features of ``images`` (list of HxWx3 uint8 RGB), from the cache where present; the backbone runs only
+    on the misses, in chunks of ``batch_size``. Results are float16-rounded float32 tensors."""
+    if hashes is not None and len(hashes) != len(images):
+        raise ValueError(f"{len(hashes)} hashes for {len(images)} images")
+    if cache is None:
+        return _half(backbone.encode(images, batch_size=batch_size))
+    digests = list(hashes) if hashes is not None else [image_hash(im) for im in images]
+    found: dict[int, BackboneFeatures] = {}
+    missing: list[int] = []
+    for i, d in enumerate(digests):
+        hit = cache.get(d, backbone.id)
+        if hit is None:
+            missing.append(i)
+        else:
+            found[i] = hit
+    if missing:
+        fresh = _half(backbone.encode([images[i] for i in missing], batch_size=batch_size))
+        for row, i in enumerate(missing):
+            one = fresh.select([row])
+            cache.put(digests[i], backbone.id, one)
+            found[i] = one
+    return BackboneFeatures.concat([found[i] for i in range(len(images))])
