@@ -44,7 +44,7 @@ run: install
 	$(BIN)/gunicorn --bind $(HOST):$(PORT) --workers $(WORKERS) --threads $(THREADS) --timeout 0 \
 		'backend.app:create_app()'
 
-test: install
+test: install ls-venv
 	$(BIN)/python -m pytest -q
 
 lint: install
