@@ -37,7 +37,11 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
 
 
 def decode_image(
-    data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image"
+    data: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str = "image",
 ) -> np.ndarray:
     """Encoded bytes -> HxWx3 uint8 RGB, EXIF orientation applied.
 
@@ -58,8 +62,14 @@ def decode_image(
             arr = _to_rgb(img)
     except ImageReadError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as exc:
         raise ImageReadError(f"{name}: not a readable image ({exc.__class__.__name__}: {exc})") from exc
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.size == 0:
         raise ImageReadError(f"{name}: decoded to an unusable array of shape {arr.shape}")

@@ -91,24 +91,31 @@ class Stage1Net(nn.Module):
         k = self.key(x).flatten(2).transpose(1, 2)
         return q, k
 
-    def scores(self, tokens: torch.Tensor, ref_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def scores(
+        self, tokens: torch.Tensor, ref_mask: torch.Tensor | None = None, chunk: int | None = None
+    ) -> torch.Tensor:
         """Raw cross-image scores r, (B, N): each patch's mean attention logit over the reference images'
         patches. ``ref_mask`` (B, B) bool says which images each image compares with (its own row is
-        ignored); default: all the others."""
+        ignored); default: all the others. ``chunk`` projects that many images at a time (bounded memory)."""
         b = tokens.shape[0]
-        q, k = self.project(tokens)
         refs = _reference_matrix(b, ref_mask, tokens.device)
         counts = refs.sum(dim=1)
         if bool((counts == 0).any()):
             raise ValueError("every image needs at least one other image to compare with (group of 1?)")
-        key_sums = k.sum(dim=1)  # (B, C)
-        ref_mean = (refs.to(k.dtype) @ key_sums) / (counts.to(k.dtype)[:, None] * k.shape[1])
+        step = chunk or b
+        parts = [self.project(tokens[i : i + step]) for i in range(0, b, step)]
+        q = torch.cat([p[0] for p in parts])
+        key_sums = torch.cat([p[1].sum(dim=1) for p in parts])  # (B, C)
+        n = q.shape[1]
+        ref_mean = (refs.to(q.dtype) @ key_sums) / (counts.to(q.dtype)[:, None] * n)
         return torch.einsum("bnc,bc->bn", q, ref_mean) / math.sqrt(self.dim)
 
-    def forward(self, tokens: torch.Tensor, ref_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, ref_mask: torch.Tensor | None = None, chunk: int | None = None
+    ) -> torch.Tensor:
         """(B, h, w, C) tokens -> (B, h, w) maps in [sigmoid(-thresh/temp), sigmoid((1-thresh)/temp)]."""
         b, h, w, _ = tokens.shape
-        r = self.scores(tokens, ref_mask)
+        r = self.scores(tokens, ref_mask, chunk)
         lo = r.amin(dim=1, keepdim=True)
         hi = r.amax(dim=1, keepdim=True)
         r = (r - lo) / (hi - lo).clamp_min(1e-12)
@@ -128,7 +135,7 @@ def _reference_matrix(b: int, ref_mask: torch.Tensor | None, device: torch.devic
 
 
 def region_embeddings(tokens: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Foreground and background embeddings, each (B, C): sum_p w(p) x(p) / N and sum_p (1 - w(p)) x(p) / N."""
+    """Foreground and background embeddings (B, C): sum_p w(p) x(p) / N and sum_p (1 - w(p)) x(p) / N."""
     x = tokens.flatten(1, 2)  # (B, N, C)
     w = maps.flatten(1)[..., None]  # (B, N, 1)
     n = x.shape[1]
@@ -168,7 +175,10 @@ class Stage1Loss:
 
 
 def stage1_loss(
-    tokens: torch.Tensor, cls_attention: torch.Tensor, maps: torch.Tensor, saliency_weight: float = SALIENCY_WEIGHT
+    tokens: torch.Tensor,
+    cls_attention: torch.Tensor,
+    maps: torch.Tensor,
+    saliency_weight: float = SALIENCY_WEIGHT,
 ) -> Stage1Loss:
     """L = L_cooc + 0.3 * L_sal on a group's tokens (B, h, w, C), CLS attention (B, h, w), maps (B, h, w)."""
     fg, bg = region_embeddings(tokens, maps)

@@ -1,0 +1,280 @@
+"""`cosod`: predict, train, evaluate and manage weights from the command line.
+
+Exit codes: 0 all went well; 1 the run finished but some inputs were skipped (each is reported); 2 a usage
+error, a missing folder or missing weights (one line on stderr naming the problem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+
+log = logging.getLogger("cosod")
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A problem the user must fix; printed as one line, exit code 2."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backbone",
+        default=os.environ.get("COSOD_BACKBONE", "vit_small_patch8_224.dino"),
+        help="backbone name (see `cosod weights list`); env COSOD_BACKBONE",
+    )
+    p.add_argument("--weights-dir", default=None, help="folder of weight files; env COSOD_WEIGHTS_DIR")
+    p.add_argument(
+        "--cache-dir",
+        default=os.environ.get("COSOD_CACHE_DIR"),
+        help="feature cache folder; env COSOD_CACHE_DIR",
+    )
+    p.add_argument("--device", default=os.environ.get("COSOD_DEVICE", "cpu"), help="cpu, cuda or cuda:N")
+    p.add_argument("--input-size", type=int, default=224)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cosod", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cosod {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="masks for folders of groups (a 0/255 PNG per image)")
+    p.add_argument("groups_dir", help="<dir>/<group>/<images> or the CoSOD layout <dir>/images/<group>/...")
+    p.add_argument("--out", required=True, help="output folder: <out>/<group>/<stem>.png")
+    _add_model_args(p)
+    p.add_argument("--model", default="scosparc", choices=["scosparc"])
+    p.add_argument("--checkpoint", default=None, help="stage-1 checkpoint (ours or the official format)")
+    p.add_argument("--max-refs", type=int, default=24, help="reference images per group (K)")
+    p.add_argument("--threshold", choices=["group", "map"], default="group")
+    p.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
+    p.add_argument("--no-refine", action="store_true", help="skip stage-2 region refinement")
+    p.add_argument("--soft", action="store_true", help="also write the soft stage-1 maps as <stem>_soft.png")
+
+    p = sub.add_parser("train", help="self-supervised stage-1 training on folders of groups (no labels)")
+    p.add_argument("data_root", help="CoSOD layout <root>/images/<group>/* (gt is not used)")
+    p.add_argument("--out", required=True, help="checkpoint file to write")
+    _add_model_args(p)
+    p.add_argument("--model", default="scosparc", choices=["scosparc"])
+    p.add_argument("--epochs", type=int, default=150)
+    p.add_argument("--steps", type=int, default=None, help="stop after this many optimiser steps")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--init", choices=["seeded", "identity"], default="seeded")
+    p.add_argument("--seed", type=int, default=123)
+
+    p = sub.add_parser("eval", help="score predicted masks against ground truth")
+    p.add_argument("--pred", required=True, help="<pred>/<group>/<stem>.png")
+    p.add_argument("--gt", required=True, help="<gt>/<group>/<stem>.png, or a CoSOD root holding gt/")
+    p.add_argument("--out", default=None, help="report folder (default: <pred>/report)")
+
+    p = sub.add_parser("weights", help="list or fetch backbone weight files")
+    wsub = p.add_subparsers(dest="weights_command", required=True)
+    w = wsub.add_parser("list", help="known backbones and whether their file is present")
+    w.add_argument("--weights-dir", default=None)
+    w = wsub.add_parser("fetch", help="download through the timm hub and save into the weights folder")
+    w.add_argument("name")
+    w.add_argument("--weights-dir", default=None)
+    w.add_argument("--if-missing", action="store_true", help="do nothing when the file is already there")
+    return parser
+
+
+def _require_dir(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise UsageError(f"{what} not found: {p}")
+    return p
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .data import load_groups
+    from .errors import ImageReadError
+    from .features import image_hash
+    from .imageio import read_image, write_mask
+    from .pipeline import Pipeline, PipelineConfig
+
+    root = _require_dir(args.groups_dir, "groups folder")
+    groups = load_groups(root)
+    config = PipelineConfig(
+        model=args.model,
+        backbone=args.backbone,
+        input_size=args.input_size,
+        max_refs=args.max_refs,
+        stage1_checkpoint=args.checkpoint,
+        threshold=args.threshold,
+        crf=not args.no_crf,
+        refine=not args.no_refine,
+    )
+    pipe = Pipeline.build(config, weights_dir=args.weights_dir, cache_dir=args.cache_dir, device=args.device)
+    out = Path(args.out)
+    failed: list[str] = []
+    written = 0
+    total = sum(len(g.images) for g in groups)
+    with tqdm(total=total, desc="predicting", unit="img", disable=not sys.stderr.isatty()) as bar:
+        for group in groups:
+            images, paths = [], []
+            for path in group.images:
+                try:
+                    images.append(read_image(path))
+                    paths.append(path)
+                except ImageReadError as exc:
+                    log.error("skipped: %s", exc)
+                    failed.append(str(path))
+                    bar.update(1)
+            if not images:
+                continue
+            pred = pipe.predict_group(images, hashes=[image_hash(im) for im in images])
+            for path, mask, soft in zip(paths, pred.masks, pred.soft, strict=True):
+                write_mask(out / group.name / f"{path.stem}.png", mask)
+                if args.soft:
+                    write_mask(
+                        out / group.name / f"{path.stem}_soft.png", (soft * 255.0 + 0.5).astype("uint8")
+                    )
+                written += 1
+            bar.update(len(images))
+    log.info("wrote %d masks to %s", written, out)
+    if failed:
+        print(f"cosod predict: {len(failed)} image(s) could not be read and were skipped", file=sys.stderr)
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .data import load_groups
+    from .train import TrainConfig, train_stage1
+
+    root = _require_dir(args.data_root, "training data folder")
+    groups = load_groups(root)
+    config = TrainConfig(
+        backbone=args.backbone,
+        input_size=args.input_size,
+        epochs=args.epochs,
+        max_steps=args.steps,
+        lr=args.lr,
+        init=args.init,
+        seed=args.seed,
+    )
+    cache_dir = args.cache_dir or str(Path(args.out).with_suffix("")) + ".features"
+    ckpt = train_stage1(
+        groups,
+        config,
+        out=args.out,
+        cache_dir=cache_dir,
+        weights_dir=args.weights_dir,
+        device=args.device,
+        progress=sys.stderr.isatty(),
+    )
+    m = ckpt.metrics
+    print(
+        f"trained {m['steps']} steps on {m['n_groups']} groups / {m['n_images']} images; "
+        f"last loss {m['last'].get('loss', float('nan')):.4f}; checkpoint {args.out}"
+    )  # type: ignore[union-attr]
+    return EXIT_PARTIAL if m["skipped_images"] else EXIT_OK
+
+
+def _gt_root(path: Path) -> Path:
+    return path / "gt" if (path / "gt").is_dir() else path
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .errors import ImageReadError
+    from .imageio import read_mask
+    from .metrics import CoSODEvaluator, format_table, write_report
+
+    pred_root = _require_dir(args.pred, "prediction folder")
+    gt_root = _gt_root(_require_dir(args.gt, "ground-truth folder"))
+    evaluator = CoSODEvaluator()
+    missing: list[str] = []
+    for gt_path in sorted(gt_root.glob("*/*.png")):
+        group = gt_path.parent.name
+        pred_path = pred_root / group / gt_path.name
+        if not pred_path.is_file():
+            missing.append(f"{group}/{gt_path.name}")
+            continue
+        try:
+            evaluator.step(read_mask(pred_path), read_mask(gt_path), group=group, name=gt_path.stem)
+        except ImageReadError as exc:
+            log.error("skipped: %s", exc)
+            missing.append(f"{group}/{gt_path.name}")
+    if evaluator.n_images == 0:
+        raise UsageError(f"no prediction in {pred_root} matches a ground-truth mask in {gt_root}")
+    results = evaluator.results()
+    results["missing_predictions"] = missing
+    files = write_report(results, Path(args.out) if args.out else pred_root / "report")
+    print(format_table(results))
+    print("report: " + ", ".join(str(p) for p in files.values()))
+    if missing:
+        # eval-co-sod skips missing files silently, which inflates scores; we say so.
+        print(f"cosod eval: {len(missing)} ground-truth mask(s) have no readable prediction", file=sys.stderr)
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from .backbones import BACKBONES, expected_path, fetch_weights, get_spec, weights_path
+
+    if args.weights_command == "list":
+        for name, spec in BACKBONES.items():
+            found = weights_path(spec, args.weights_dir)
+            state = (
+                f"present: {found}"
+                if found
+                else (
+                    "random init (no file needed)"
+                    if spec.random_init
+                    else f"missing: {expected_path(spec, args.weights_dir)}"
+                )
+            )
+            print(f"{name:42s} {spec.description:55s} {state}")
+        return EXIT_OK
+    spec = get_spec(args.name)
+    found = weights_path(spec, args.weights_dir)
+    if found and args.if_missing:
+        print(f"{spec.name}: already present at {found}")
+        return EXIT_OK
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+    try:
+        path = fetch_weights(spec.name, args.weights_dir)
+    except Exception as exc:  # offline, hub refused, disk full: say what to do instead
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(
+            f"cosod weights: cannot fetch {spec.name} ({reason}); put the file at "
+            f"{expected_path(spec, args.weights_dir)}",
+            file=sys.stderr,
+        )
+        return EXIT_PARTIAL
+    print(f"{spec.name}: saved to {path}")
+    return EXIT_OK
+
+
+COMMANDS = {"predict": cmd_predict, "train": cmd_train, "eval": cmd_eval, "weights": cmd_weights}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import CoSODError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, CoSODError, ValueError) as exc:
+        print(
+            f"cosod {args.command}: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

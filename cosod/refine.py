@@ -1,0 +1,248 @@
+"""From soft co-attention maps to masks: adaptive threshold, region-level refinement, dense CRF.
+
+Shared by the SCoSPARC and UMS paths (method_spec A.5-A.7 and B.9):
+
+- :func:`group_threshold` is SCoSPARC's code form: one threshold for the whole group from the mean confidence
+  of the pixels >= 0.15 at the token grid, ``th = th0 + alpha_c * ((1 - conf) - B_bar)``.
+- :func:`map_thresholds` is the per-map form of the UMS paper: conf = mean of the pixels >= the map mean.
+- :func:`refine_regions` keeps the 8-connected components whose pooled tokens resemble the group prototype
+  (integer-percent cosine, relative to the best component, kept at >= 0.77). When no component scores above
+  zero, the best one is kept (the proposed fix for the official code's undefined fallback).
+- :func:`dense_crf` is the hard-label DenseCRF of the official code, run at a capped working resolution.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from skimage.measure import label as connected_components
+
+log = logging.getLogger(__name__)
+
+TH0 = 0.505
+ALPHA_C = 1.0
+BM_BAR = 0.48
+CONF_FLOOR = 0.15
+BOX_SIM = 0.77
+CRF_REFERENCE_SIDE = 224  # the official CRF runs at 224x224; pairwise sxy values are in pixels at that size
+
+
+def upsample(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """(B, h, w) -> (B, H, W), bilinear with align_corners=True as the official code resizes maps."""
+    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=True)[:, 0]
+
+
+def group_threshold(
+    maps_work: torch.Tensor,
+    grid: tuple[int, int],
+    *,
+    th0: float = TH0,
+    alpha_c: float = ALPHA_C,
+    bm_bar: float = BM_BAR,
+    floor: float = CONF_FLOOR,
+) -> float:
+    """One threshold for a group from its working-size maps (B, S, S) in [0, 1].
+
+    Each map is resized (bilinear, align_corners) to the token grid; values below ``floor`` are dropped;
+    ``conf_j`` is the mean of the rest (0 when none is left); ``conf`` the mean over the group.
+    """
+    if maps_work.ndim != 3 or maps_work.shape[0] == 0:
+        raise ValueError(f"maps_work must be (B, S, S) with B >= 1, got {tuple(maps_work.shape)}")
+    small = upsample(maps_work, grid)
+    keep = small >= floor
+    counts = keep.flatten(1).sum(dim=1)
+    sums = torch.where(keep, small, torch.zeros_like(small)).flatten(1).sum(dim=1)
+    conf_j = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
+    conf = float(conf_j.mean())
+    return th0 + alpha_c * ((1.0 - conf) - bm_bar)
+
+
+def map_confidences(maps: torch.Tensor) -> torch.Tensor:
+    """Per-map confidence (B,): the mean of each map over its pixels >= that map's mean."""
+    flat = maps.flatten(1).float()
+    keep = flat >= flat.mean(dim=1, keepdim=True)
+    return (flat * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1)
+
+
+def map_thresholds(
+    maps: torch.Tensor, *, th0: float = TH0, alpha_c: float = ALPHA_C, bm_bar: float = BM_BAR
+) -> torch.Tensor:
+    """Per-map thresholds (B,), the UMS paper's eq. 6: ``th_i = th0 + alpha_c * ((1 - conf_i) - B_bar)``.
+    B_bar belongs to the model that made the maps (0.48 is SCoSPARC's; UMS checkpoints store their own)."""
+    return th0 + alpha_c * ((1.0 - map_confidences(maps)) - bm_bar)
+
+
+def _linear_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sample positions and weights of a bilinear resize src -> dst with half-pixel centres (OpenCV
+    INTER_LINEAR without antialiasing): returns (i0, i1, w1) with value = (1 - w1) * x[i0] + w1 * x[i1]."""
+    pos = (np.arange(dst) + 0.5) * (src / dst) - 0.5
+    pos = np.clip(pos, 0, src - 1)
+    i0 = np.floor(pos).astype(np.int64)
+    i1 = np.minimum(i0 + 1, src - 1)
+    return i0, i1, pos - i0
+
+
+def component_grid_masks(labels: np.ndarray, n: int, grid: tuple[int, int]) -> np.ndarray:
+    """Every component of a label image (S, S) resized to the token grid as the official code does
+    (cv2.resize INTER_LINEAR of a uint8 0/1 mask, rounded half up): (n, h, w) bool for labels 1..n.
+    At scale 8 this is the mean of each cell's centre 2x2 pixels, so 0.5 -> 1 and 0.25 -> 0."""
+    ys0, ys1, wy = _linear_taps(labels.shape[0], grid[0])
+    xs0, xs1, wx = _linear_taps(labels.shape[1], grid[1])
+    out = np.zeros((n, *grid), dtype=bool)
+    taps = [
+        (labels[np.ix_(ys0, xs0)], np.outer(1 - wy, 1 - wx)),
+        (labels[np.ix_(ys0, xs1)], np.outer(1 - wy, wx)),
+        (labels[np.ix_(ys1, xs0)], np.outer(wy, 1 - wx)),
+        (labels[np.ix_(ys1, xs1)], np.outer(wy, wx)),
+    ]
+    for k in range(1, n + 1):
+        value = sum(w * (lab == k) for lab, w in taps)
+        out[k - 1] = np.floor(np.asarray(value) + 0.5 + 1e-9) >= 1
+    return out
+
+
+def group_prototype(tokens: torch.Tensor, grid_masks: torch.Tensor) -> torch.Tensor:
+    """F_G (C,): the mean over images of each image's mean token inside its grid mask.
+
+    tokens (B, h, w, C); grid_masks (B, h, w) bool. Images with an empty mask are left out (the official code
+    would divide by zero); with no foreground anywhere the prototype is the zero vector.
+    """
+    m = grid_masks.to(tokens.dtype)[..., None]
+    counts = m.flatten(1, 2).sum(dim=1)  # (B, 1)
+    sums = (tokens * m).flatten(1, 2).sum(dim=1)  # (B, C)
+    valid = counts[:, 0] > 0
+    if not bool(valid.any()):
+        return torch.zeros(tokens.shape[-1], dtype=tokens.dtype)
+    return (sums[valid] / counts[valid]).mean(dim=0)
+
+
+@dataclass
+class RegionDecision:
+    """What region refinement did to one image: component scores and which survived."""
+
+    scores: list[int]
+    kept: list[int]
+    fallback: str | None = None  # "no-components" or "no-positive-score"
+
+
+def refine_regions(
+    binary: np.ndarray, tokens: torch.Tensor, prototype: torch.Tensor, *, box_sim: float = BOX_SIM
+) -> tuple[np.ndarray, RegionDecision]:
+    """Stage-2 refinement of one image.
+
+    binary: (S, S) bool mask at working size; tokens: (h, w, C) of that image; prototype: (C,).
+    Returns the union of the kept 8-connected components, (S, S) bool, and the decision record.
+    """
+    labels, n = connected_components(binary, background=0, return_num=True, connectivity=2)
+    if n == 0:
+        return np.zeros_like(binary, dtype=bool), RegionDecision([], [], "no-components")
+    grid = (int(tokens.shape[0]), int(tokens.shape[1]))
+    cells = torch.from_numpy(component_grid_masks(labels, n, grid)).to(tokens.dtype)  # (n, h, w)
+    emb = torch.einsum("khw,hwc->kc", cells, tokens)  # masked sums, proportional to the masked means
+    cos = F.cosine_similarity(emb, prototype[None].expand_as(emb), dim=1, eps=1e-12)
+    cos = torch.where(cells.flatten(1).sum(dim=1) > 0, cos, torch.zeros_like(cos))
+    scores = [int(100.0 * float(c)) for c in cos]  # truncation toward zero, as int() does
+    best = max(scores)
+    if best > 0:
+        kept = [k for k, s in enumerate(scores) if s / best >= box_sim]
+        fallback = None
+    else:
+        kept = [int(torch.argmax(cos))]
+        fallback = "no-positive-score"
+    refined = np.isin(labels, [k + 1 for k in kept])
+    return refined, RegionDecision(scores, kept, fallback)
+
+
+@dataclass(frozen=True)
+class CRFParams:
+    """Dense CRF settings of the official code (sxy in pixels at 224x224; scaled to the working size)."""
+
+    gt_prob: float = 0.995
+    gaussian_sxy: float = 10.0
+    gaussian_compat: float = 10.0
+    bilateral_sxy: float = 10.0
+    bilateral_srgb: float = 3.0
+    bilateral_compat: float = 10.0
+    iterations: int = 10
+    max_side: int = 320
+
+
+def working_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """(h, w) scaled down so the long side is at most ``max_side`` (never scaled up)."""
+    scale = min(1.0, max_side / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def dense_crf(image: np.ndarray, mask: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
+    """Hard-label DenseCRF of ``mask`` on ``image`` at the image's own size.
+
+    image: (H, W, 3) uint8 RGB; mask: (H, W) bool. Returns (H, W) bool. Pairwise sxy values are scaled by
+    ``max(H, W) / 224`` so the kernels cover the same share of the picture as the official 224x224 run.
+    """
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_labels
+
+    h, w = mask.shape
+    if image.shape[:2] != (h, w):
+        raise ValueError(f"image {image.shape[:2]} and mask {mask.shape} sizes differ")
+    scale = max(h, w) / CRF_REFERENCE_SIDE
+    crf = dcrf.DenseCRF2D(w, h, 2)
+    unary = unary_from_labels(mask.astype(np.int64), 2, gt_prob=params.gt_prob, zero_unsure=False)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary))
+    crf.addPairwiseGaussian(
+        sxy=params.gaussian_sxy * scale,
+        compat=params.gaussian_compat,
+        kernel=dcrf.DIAG_KERNEL,
+        normalization=dcrf.NORMALIZE_SYMMETRIC,
+    )
+    crf.addPairwiseBilateral(
+        sxy=params.bilateral_sxy * scale,
+        srgb=params.bilateral_srgb,
+        rgbim=np.array(image, dtype=np.uint8, order="C"),  # pydensecrf needs a writable buffer
+        compat=params.bilateral_compat,
+        kernel=dcrf.DIAG_KERNEL,
+        normalization=dcrf.NORMALIZE_SYMMETRIC,
+    )
+    q = np.asarray(crf.inference(params.iterations)).reshape(2, h, w)
+    return q.argmax(axis=0).astype(bool)
+
+
+def resize_mask(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Bool mask -> bool mask of another size: bilinear on 0/255, kept where >= 128 (the official output
+    path: uint8 0/255 map, INTER_LINEAR resize, then binarised)."""
+    if mask.shape == size_hw:
+        return mask.astype(bool)
+    img = Image.fromarray(mask.astype(np.uint8) * 255).resize((size_hw[1], size_hw[0]), Image.BILINEAR)
+    return np.asarray(img) >= 128
+
+
+def resize_soft(soft: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Float map in [0, 1] -> float32 map of another size (bilinear)."""
+    if soft.shape == size_hw:
+        return soft.astype(np.float32)
+    img = Image.fromarray(soft.astype(np.float32), mode="F").resize((size_hw[1], size_hw[0]), Image.BILINEAR)
+    return np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
+
+
+def crf_refine(image: np.ndarray, mask_work: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
+    """CRF a working-size mask against the original image at a capped resolution; bool mask at the
+    original image size. A CRF failure is logged and the input mask is used for that image."""
+    height, width = image.shape[:2]
+    hc, wc = working_size(height, width, params.max_side)
+    small = (
+        image
+        if (hc, wc) == (height, width)
+        else np.asarray(Image.fromarray(image).resize((wc, hc), Image.BILINEAR))
+    )
+    labels = np.asarray(Image.fromarray(mask_work.astype(np.uint8)).resize((wc, hc), Image.NEAREST)) > 0
+    try:
+        out = dense_crf(small, labels, params)
+    except Exception as exc:  # pydensecrf raises plain Exceptions on bad inputs
+        log.warning("dense CRF failed (%s); using the mask without CRF", exc)
+        out = labels
+    return resize_mask(out, (height, width))
