@@ -257,7 +257,7 @@ class Backbone:
             arr = np.asarray(img)
             if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
                 raise ValueError(f"image {i}: expected an HxWx3 uint8 RGB array, got {arr.dtype} {arr.shape}")
-            pil = Image.fromarray(arr).resize((self.input_size, self.input_size), Image.BILINEAR)
+            pil = Image.fromarray(arr).resize((self.input_size, self.input_size), Image.Resampling.BILINEAR)
             x = np.asarray(pil, dtype=np.float32).transpose(2, 0, 1) / 255.0
             out[i] = (x - mean) / std
         return torch.from_numpy(out)

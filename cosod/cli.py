@@ -176,7 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(
         f"trained {m['steps']} steps on {m['n_groups']} groups / {m['n_images']} images; "
         f"last loss {m['last'].get('loss', float('nan')):.4f}; checkpoint {args.out}"
-    )  # type: ignore[union-attr]
+    )
     return EXIT_PARTIAL if m["skipped_images"] else EXIT_OK
 
 

@@ -53,7 +53,7 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageReadError(f"{name}: {w}x{h} = {w * h} pixels is over the limit of {max_pixels}")
@@ -108,4 +108,4 @@ def write_mask(path: str | os.PathLike[str], mask: np.ndarray) -> None:
     elif arr.dtype != np.uint8:
         arr = np.clip(arr, 0, 255).astype(np.uint8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr, mode="L").save(path)
+    Image.fromarray(arr).save(path)  # uint8 2-D -> mode L

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from PIL.Image import Resampling
 from skimage.measure import label as connected_components
 
 log = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ def resize_mask(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     path: uint8 0/255 map, INTER_LINEAR resize, then binarised)."""
     if mask.shape == size_hw:
         return mask.astype(bool)
-    img = Image.fromarray(mask.astype(np.uint8) * 255).resize((size_hw[1], size_hw[0]), Image.BILINEAR)
+    img = Image.fromarray(mask.astype(np.uint8) * 255).resize((size_hw[1], size_hw[0]), Resampling.BILINEAR)
     return np.asarray(img) >= 128
 
 
@@ -225,7 +226,7 @@ def resize_soft(soft: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """Float map in [0, 1] -> float32 map of another size (bilinear)."""
     if soft.shape == size_hw:
         return soft.astype(np.float32)
-    img = Image.fromarray(soft.astype(np.float32), mode="F").resize((size_hw[1], size_hw[0]), Image.BILINEAR)
+    img = Image.fromarray(soft.astype(np.float32)).resize((size_hw[1], size_hw[0]), Resampling.BILINEAR)
     return np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
 
 
@@ -237,9 +238,9 @@ def crf_refine(image: np.ndarray, mask_work: np.ndarray, params: CRFParams = CRF
     small = (
         image
         if (hc, wc) == (height, width)
-        else np.asarray(Image.fromarray(image).resize((wc, hc), Image.BILINEAR))
+        else np.asarray(Image.fromarray(image).resize((wc, hc), Resampling.BILINEAR))
     )
-    labels = np.asarray(Image.fromarray(mask_work.astype(np.uint8)).resize((wc, hc), Image.NEAREST)) > 0
+    labels = np.asarray(Image.fromarray(mask_work.astype(np.uint8)).resize((wc, hc), Resampling.NEAREST)) > 0
     try:
         out = dense_crf(small, labels, params)
     except Exception as exc:  # pydensecrf raises plain Exceptions on bad inputs

@@ -76,11 +76,12 @@ class Stage1Net(nn.Module):
         net = cls(dim, **kw)
         with torch.no_grad():
             eye = torch.eye(dim).reshape(dim, dim, 1, 1)
-            net.residual.weight.zero_()
-            net.residual.bias.zero_()
+            nn.init.zeros_(net.residual.weight)
+            for conv in (net.residual, net.query, net.key):
+                if conv.bias is not None:
+                    nn.init.zeros_(conv.bias)
             for conv in (net.query, net.key):
                 conv.weight.copy_(eye)
-                conv.bias.zero_()
         return net
 
     def project(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

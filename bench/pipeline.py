@@ -1,0 +1,155 @@
+"""Per-image time of each pipeline stage, and peak memory for a large group.
+
+    python bench/pipeline.py                       # ViT-S/8 and ViT-B/8 at 224, groups of 8 and 32, CPU
+    python bench/pipeline.py --backbones tiny --groups 8 --memory-group 0
+
+Prints, per backbone and group size, milliseconds per image for: backbone, stage 1, threshold + region
+refinement, CRF, final resize, and the share of the total spent outside the backbone (target with ViT-S/8 and
+a group of 32: at most 25 %). Then the peak resident memory of a separate process that predicts one group of
+``--memory-group`` images with ``--memory-backbone`` (target for 64 images with ViT-B/8: under 4 GB).
+
+When a backbone's weights file is absent (no internet here), a file with the same architecture and random
+values is written to a temporary folder: the timings are those of the real network, the masks are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cosod.backbones import get_spec, weights_path
+from cosod.data import synthetic_group
+from cosod.pipeline import Pipeline, PipelineConfig
+
+STAGES = ("backbone", "stage1", "refine", "crf", "resize")
+
+
+def weights_for(name: str, scratch: Path) -> tuple[str | None, str]:
+    """The weights folder to use and a note on where the weights came from."""
+    spec = get_spec(name)
+    if spec.random_init:
+        return None, "random init (test backbone)"
+    found = weights_path(spec)
+    if found:
+        return str(found.parent), f"pretrained file {found}"
+    import timm
+
+    model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
+    torch.save(model.state_dict(), scratch / (spec.filename or f"{spec.name}.pth"))
+    return str(scratch), "RANDOM weights of the real architecture (no file in weights/): timing only"
+
+
+def run_group(pipe: Pipeline, n: int, size: tuple[int, int], seed: int) -> dict[str, float]:
+    images, _ = synthetic_group(n, size=size, seed=seed)
+    pred = pipe.predict_group(images)
+    return {k: v for k, v in pred.timings.items()}
+
+
+def timing_table(args: argparse.Namespace) -> list[dict[str, object]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in args.backbones:
+            wdir, note = weights_for(name, Path(scratch))
+            pipe = Pipeline.build(PipelineConfig(backbone=name, input_size=224), weights_dir=wdir)
+            print(f"\n{name}: {note}")
+            run_group(pipe, 2, tuple(args.image_size), seed=99)  # warm-up
+            header = f"{'group':>5} " + " ".join(f"{s + ' ms':>12}" for s in STAGES)
+            print(header + f" {'total ms':>10} {'non-backbone':>13}")
+            for n in args.groups:
+                best: dict[str, float] | None = None
+                for r in range(args.repeats):
+                    t = run_group(pipe, n, tuple(args.image_size), seed=r)
+                    if best is None or t["total"] < best["total"]:
+                        best = t
+                assert best is not None
+                per = {k: 1000.0 * v / n for k, v in best.items()}
+                share = 1.0 - best["backbone"] / best["total"]
+                print(
+                    f"{n:>5} "
+                    + " ".join(f"{per.get(s, 0.0):>12.1f}" for s in STAGES)
+                    + f" {per['total']:>10.1f} {100 * share:>12.1f}%"
+                )
+                rows.append(
+                    {
+                        "backbone": name,
+                        "group": n,
+                        "per_image_ms": per,
+                        "non_backbone_share": share,
+                        "weights": note,
+                    }
+                )
+    return rows
+
+
+def memory_child(name: str, n: int, size: tuple[int, int]) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        wdir, note = weights_for(name, Path(scratch))
+        pipe = Pipeline.build(PipelineConfig(backbone=name), weights_dir=wdir)
+        images, _ = synthetic_group(n, size=size, seed=0)
+        t0 = time.perf_counter()
+        pipe.predict_group(images)
+        seconds = time.perf_counter() - t0
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mb": peak_kb / 1024, "seconds": seconds, "weights": note}))
+
+
+def memory_peak(args: argparse.Namespace) -> dict[str, object]:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--memory-child",
+        args.memory_backbone,
+        str(args.memory_group),
+        "--image-size",
+        *map(str, args.image_size),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(
+        f"\npeak memory, one group of {args.memory_group} with {args.memory_backbone}: "
+        f"{result['peak_mb']:.0f} MB RSS ({result['seconds']:.1f} s; {result['weights']})"
+    )
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--backbones", nargs="+", default=["vit_small_patch8_224.dino", "vit_base_patch8_224.dino"]
+    )
+    p.add_argument("--groups", nargs="+", type=int, default=[8, 32])
+    p.add_argument("--image-size", nargs=2, type=int, default=[384, 512], metavar=("H", "W"))
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--memory-group", type=int, default=64, help="0 skips the memory run")
+    p.add_argument("--memory-backbone", default="vit_base_patch8_224.dino")
+    p.add_argument("--memory-child", nargs=2, metavar=("BACKBONE", "N"), help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    args = p.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child[0], int(args.memory_child[1]), tuple(args.image_size))
+        return
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, input 224, images "
+        f"{args.image_size[0]}x{args.image_size[1]}"
+    )
+    report: dict[str, object] = {"timings": timing_table(args)}
+    if args.memory_group:
+        report["memory"] = memory_peak(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    np.seterr(all="ignore")
+    main()
