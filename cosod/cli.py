@@ -218,6 +218,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """Can a TCP connection to the hub (``HF_ENDPOINT``, default huggingface.co) be opened?"""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def cmd_weights(args: argparse.Namespace) -> int:
     from .backbones import BACKBONES, expected_path, fetch_weights, get_spec, weights_path
 
@@ -242,6 +258,10 @@ def cmd_weights(args: argparse.Namespace) -> int:
         return EXIT_OK
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+    if not _hub_reachable():
+        # Offline: only the local Hugging Face cache can help; skip minutes of retries against the network.
+        log.info("the Hugging Face hub is not reachable; looking in the local cache only")
+        os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         path = fetch_weights(spec.name, args.weights_dir)
     except Exception as exc:  # offline, hub refused, disk full: say what to do instead
