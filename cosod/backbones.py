@@ -119,6 +119,19 @@ BACKBONES: dict[str, BackboneSpec] = {
             random_init=True,
             description="tiny randomly initialised ViT (patch 8, dim 48, depth 2) for tests and CI",
         ),
+        BackboneSpec(
+            name="tiny_dinov2",
+            timm_name="vit_small_patch14_reg4_dinov2",
+            hub_id=None,
+            filename="tiny_dinov2.pth",
+            patch_size=14,
+            embed_dim=48,
+            num_heads=3,
+            num_prefix_tokens=5,
+            model_kwargs=(("embed_dim", 48), ("depth", 2), ("num_heads", 3), ("mlp_ratio", 2.0)),
+            random_init=True,
+            description="tiny random DINOv2-shaped ViT (patch 14, 4 registers) for tests of the UMS path",
+        ),
     )
 }
 
