@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .atomic import torch_save_atomic
 from .errors import UnknownBackboneError, WeightsInvalidError, WeightsMissingError
 
 log = logging.getLogger(__name__)
@@ -409,17 +409,6 @@ def fetch_weights(name: str, weights_dir: str | os.PathLike[str] | None = None) 
     model = _create_model(spec, 224, pretrained=True)
     dest = expected_path(spec, weights_dir)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    save_state_dict_atomic(model.state_dict(), dest)
+    torch_save_atomic(model.state_dict(), dest)
     log.info("saved %s weights to %s (sha256 %s)", spec.name, dest, file_sha256(dest))
     return dest
-
-
-def save_state_dict_atomic(state_dict: dict[str, torch.Tensor], dest: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state_dict, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -15,7 +15,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_write
 from .backbones import Backbone, BackboneFeatures
 
 log = logging.getLogger(__name__)
@@ -84,20 +84,15 @@ class FeatureCache:
     def put(self, digest: str, backbone_id: str, feats: BackboneFeatures) -> None:
         """Store the features of one image (batch dim 1)."""
         path = self._path(digest, backbone_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{digest[:8]}.", suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    tokens=feats.tokens[0].numpy().astype(np.float16),
-                    keys=feats.keys[0].numpy().astype(np.float16),
-                    cls_attention=feats.cls_attention[0].numpy().astype(np.float16),
-                )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(
+            path,
+            lambda f: np.savez(
+                f,
+                tokens=feats.tokens[0].numpy().astype(np.float16),
+                keys=feats.keys[0].numpy().astype(np.float16),
+                cls_attention=feats.cls_attention[0].numpy().astype(np.float16),
+            ),
+        )
 
 
 def encode_images(

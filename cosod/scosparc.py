@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
+from .atomic import torch_save_atomic
 from .errors import CheckpointError
 
 THRESH = 0.65
@@ -209,7 +209,6 @@ class Stage1Checkpoint:
 def save_stage1(ckpt: Stage1Checkpoint, path: str | os.PathLike[str]) -> Path:
     """Write atomically (temp file in the same folder, then rename)."""
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "format_version": 1,
@@ -225,14 +224,7 @@ def save_stage1(ckpt: Stage1Checkpoint, path: str | os.PathLike[str]) -> Path:
         "code_version": ckpt.code_version,
         "created": ckpt.created,
     }
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    torch_save_atomic(payload, dest)
     return dest
 
 
