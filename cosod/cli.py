@@ -50,10 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("groups_dir", help="<dir>/<group>/<images> or the CoSOD layout <dir>/images/<group>/...")
     p.add_argument("--out", required=True, help="output folder: <out>/<group>/<stem>.png")
     _add_model_args(p)
-    p.add_argument("--model", default="scosparc", choices=["scosparc"])
-    p.add_argument("--checkpoint", default=None, help="stage-1 checkpoint (ours or the official format)")
+    p.add_argument(
+        "--model",
+        default=os.environ.get("COSOD_MODEL", "scosparc"),
+        choices=["scosparc", "ums"],
+        help="scosparc (default) or ums; env COSOD_MODEL",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="SCoSPARC: stage-1 checkpoint (ours or the official format); UMS: required checkpoint",
+    )
     p.add_argument("--max-refs", type=int, default=24, help="reference images per group (K)")
-    p.add_argument("--threshold", choices=["group", "map"], default="group")
+    p.add_argument(
+        "--threshold",
+        choices=["auto", "group", "map"],
+        default="auto",
+        help="auto: the model's own (group for SCoSPARC, per map for UMS)",
+    )
     p.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
     p.add_argument("--no-refine", action="store_true", help="skip stage-2 region refinement")
     p.add_argument("--soft", action="store_true", help="also write the soft stage-1 maps as <stem>_soft.png")
@@ -62,12 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_root", help="CoSOD layout <root>/images/<group>/* (gt is not used)")
     p.add_argument("--out", required=True, help="checkpoint file to write")
     _add_model_args(p)
-    p.add_argument("--model", default="scosparc", choices=["scosparc"])
-    p.add_argument("--epochs", type=int, default=150)
+    p.add_argument("--model", default="scosparc", choices=["scosparc", "ums"])
+    p.add_argument(
+        "--v2-backbone", default="vit_base_patch14_reg4_dinov2.lvd142m", help="UMS: DINOv2 backbone"
+    )
+    p.add_argument("--epochs", type=int, default=None, help="default: 150 (SCoSPARC) or 100 (UMS)")
     p.add_argument("--steps", type=int, default=None, help="stop after this many optimiser steps")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--init", choices=["seeded", "identity"], default="seeded")
     p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--decoder-width", type=int, default=64, help="UMS decoder channels")
+
+    p = sub.add_parser(
+        "pseudo-label", help="CM-SPLG pseudo-labels for folders of groups (UMS training targets)"
+    )
+    p.add_argument("groups_dir", help="<dir>/<group>/<images> or the CoSOD layout <dir>/images/<group>/...")
+    p.add_argument("--out", required=True, help="writes <out>/gt/<group>/<stem>.png (the CoSOD layout)")
+    _add_model_args(p)
+    p.add_argument("--no-crf", action="store_true", help="do not snap the masks to image edges")
 
     p = sub.add_parser("eval", help="score predicted masks against ground truth")
     p.add_argument("--pred", required=True, help="<pred>/<group>/<stem>.png")
@@ -108,7 +134,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         backbone=args.backbone,
         input_size=args.input_size,
         max_refs=args.max_refs,
-        stage1_checkpoint=args.checkpoint,
+        stage1_checkpoint=args.checkpoint if args.model == "scosparc" else None,
+        ums_checkpoint=args.checkpoint if args.model == "ums" else None,
         threshold=args.threshold,
         crf=not args.no_crf,
         refine=not args.no_refine,
@@ -149,11 +176,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import load_groups
-    from .train import TrainConfig, train_stage1
+    from .train import TrainConfig, train_stage1, train_ums
 
     root = _require_dir(args.data_root, "training data folder")
     groups = load_groups(root)
     config = TrainConfig(
+        model=args.model,
+        v2_backbone=args.v2_backbone,
+        decoder_width=args.decoder_width,
         backbone=args.backbone,
         input_size=args.input_size,
         epochs=args.epochs,
@@ -163,7 +193,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     cache_dir = args.cache_dir or str(Path(args.out).with_suffix("")) + ".features"
-    ckpt = train_stage1(
+    train = train_ums if args.model == "ums" else train_stage1
+    ckpt = train(
         groups,
         config,
         out=args.out,
@@ -173,11 +204,64 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
     )
     m = ckpt.metrics
+    losses = m["epoch_loss"] or [float("nan")]
     print(
         f"trained {m['steps']} steps on {m['n_groups']} groups / {m['n_images']} images; "
-        f"last loss {m['last'].get('loss', float('nan')):.4f}; checkpoint {args.out}"
+        f"last epoch's mean loss {losses[-1]:.4f}; checkpoint {args.out}"
     )
     return EXIT_PARTIAL if m["skipped_images"] else EXIT_OK
+
+
+def cmd_pseudo_label(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .backbones import build_backbone
+    from .data import load_groups
+    from .errors import ImageReadError
+    from .features import FeatureCache, encode_images
+    from .imageio import read_image, write_mask
+    from .pseudo_labels import pseudo_label_masks
+
+    root = _require_dir(args.groups_dir, "groups folder")
+    groups = load_groups(root)
+    backbone = build_backbone(
+        args.backbone, weights_dir=args.weights_dir, device=args.device, input_size=args.input_size
+    )
+    cache = FeatureCache(args.cache_dir) if args.cache_dir else None
+    out = Path(args.out) / "gt"
+    failed: list[str] = []
+    total = sum(len(g.images) for g in groups)
+    with tqdm(total=total, desc="pseudo-labels", unit="img", disable=not sys.stderr.isatty()) as bar:
+        for group in groups:
+            images, paths = [], []
+            for path in group.images:
+                try:
+                    images.append(read_image(path))
+                    paths.append(path)
+                except ImageReadError as exc:
+                    log.error("skipped: %s", exc)
+                    failed.append(str(path))
+            if images:
+                feats = encode_images(backbone, images, cache=cache)
+                masks, labels = pseudo_label_masks(images, feats, crf=not args.no_crf)
+                for path, mask, lab in zip(paths, masks, labels, strict=True):
+                    write_mask(out / group.name / f"{path.stem}.png", mask)
+                    log.debug(
+                        "%s/%s: %s (f=%d, overlap %.2f)",
+                        group.name,
+                        path.stem,
+                        lab.source,
+                        lab.frequency,
+                        lab.overlap,
+                    )
+            bar.update(len(group.images))
+    log.info("pseudo-labels written to %s", out)
+    if failed:
+        print(
+            f"cosod pseudo-label: {len(failed)} image(s) could not be read and were skipped", file=sys.stderr
+        )
+        return EXIT_PARTIAL
+    return EXIT_OK
 
 
 def _gt_root(path: Path) -> Path:
@@ -276,7 +360,13 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"predict": cmd_predict, "train": cmd_train, "eval": cmd_eval, "weights": cmd_weights}
+COMMANDS = {
+    "predict": cmd_predict,
+    "train": cmd_train,
+    "pseudo-label": cmd_pseudo_label,
+    "eval": cmd_eval,
+    "weights": cmd_weights,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

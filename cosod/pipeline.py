@@ -36,6 +36,7 @@ from .refine import (
     TH0,
     CRFParams,
     RegionDecision,
+    component_grid_masks,
     crf_refine,
     group_prototype,
     group_threshold,
@@ -49,7 +50,7 @@ from .scosparc import Stage1Net, load_stage1
 
 log = logging.getLogger(__name__)
 
-MODELS = ("scosparc",)
+MODELS = ("scosparc", "ums")
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,11 @@ class PipelineConfig:
     max_refs: int = 24
     stage1_checkpoint: str | None = None
     stage1_init: str = "identity"  # without a checkpoint: "identity" (training-free) or "seeded" (random)
-    threshold: str = "group"  # "group" (SCoSPARC code) or "map" (UMS paper, per map)
+    ums_checkpoint: str | None = None  # model="ums" needs one; it names its two backbones
+    threshold: str = "auto"  # "group" (SCoSPARC code), "map" (UMS paper), "auto": the model's own
     th0: float = TH0
     alpha_c: float = ALPHA_C
-    bm_bar: float = BM_BAR
+    bm_bar: float | None = None  # None: the model's own (0.48 SCoSPARC; measured per UMS checkpoint)
     refine: bool = True
     box_sim: float = BOX_SIM
     crf: bool = True
@@ -75,8 +77,8 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; known: {', '.join(MODELS)}")
-        if self.threshold not in ("group", "map"):
-            raise ValueError(f"threshold must be 'group' or 'map', got {self.threshold!r}")
+        if self.threshold not in ("auto", "group", "map"):
+            raise ValueError(f"threshold must be 'auto', 'group' or 'map', got {self.threshold!r}")
         if self.stage1_init not in ("identity", "seeded"):
             raise ValueError(f"stage1_init must be 'identity' or 'seeded', got {self.stage1_init!r}")
         if self.max_refs < 2:
@@ -130,25 +132,57 @@ def _check_images(images: Sequence[np.ndarray]) -> None:
             raise ValueError(f"image {i}: empty image of shape {img.shape}")
 
 
+@dataclass
+class ModelMaps:
+    """What a model hands to RRBE: soft maps at the working size, the features pooled into the region
+    prototype, the maps at the token grid when the model has them (SCoSPARC's ``fg_wts``), the references."""
+
+    work: torch.Tensor  # (B, S, S) in [0, 1]
+    proto_tokens: torch.Tensor  # (B, h, w, C)
+    grid_maps: torch.Tensor | None  # (B, h, w) or None
+    references: list[int]
+
+
 class Pipeline:
-    """Encode a group once, then threshold, refine and CRF it. Build with :meth:`build`."""
+    """Encode a group once, then threshold, refine and CRF it. Build with :meth:`build`.
+
+    ``model == "scosparc"``: frozen backbone + stage-1 network. ``model == "ums"``: a DINO and a DINOv2
+    backbone + the UMS-CoSOD network (``ums``, a :class:`~cosod.ums.checkpoint.UMSCheckpoint`).
+    """
 
     def __init__(
         self,
         config: PipelineConfig,
         backbone: Backbone,
-        stage1: Stage1Net,
+        stage1: Stage1Net | None = None,
         cache: FeatureCache | None = None,
+        *,
+        ums: Any = None,
+        v2_backbone: Backbone | None = None,
     ):
-        if stage1.dim != backbone.embed_dim:
-            raise ValueError(
-                f"stage-1 model has dim {stage1.dim} but backbone {backbone.spec.name} "
-                f"gives {backbone.embed_dim}"
-            )
         self.config = config
         self.backbone = backbone
-        self.stage1 = stage1.eval().to(backbone.device)
         self.cache = cache
+        self.stage1 = stage1
+        self.ums = ums
+        self.v2_backbone = v2_backbone
+        if config.model == "scosparc":
+            if stage1 is None:
+                raise ValueError("model 'scosparc' needs a stage-1 network")
+            if stage1.dim != backbone.embed_dim:
+                raise ValueError(
+                    f"stage-1 model has dim {stage1.dim} but backbone {backbone.spec.name} "
+                    f"gives {backbone.embed_dim}"
+                )
+            self.stage1 = stage1.eval().to(backbone.device)
+            default_threshold, default_bm_bar = "group", BM_BAR
+        else:
+            if ums is None or v2_backbone is None:
+                raise ValueError("model 'ums' needs a UMS checkpoint and a DINOv2 backbone")
+            ums.net.eval().to(backbone.device)
+            default_threshold, default_bm_bar = "map", float(ums.bm_bar)
+        self.threshold = default_threshold if config.threshold == "auto" else config.threshold
+        self.bm_bar = default_bm_bar if config.bm_bar is None else config.bm_bar
         self._version_id = self._compute_version_id()
 
     @classmethod
@@ -160,35 +194,51 @@ class Pipeline:
         cache_dir: str | None = None,
         device: str = "cpu",
     ) -> Pipeline:
-        """Load the backbone (raises :class:`~cosod.errors.WeightsMissingError` without its file) and the
-        stage-1 model (the checkpoint, else the ``stage1_init`` variant)."""
+        """Load the backbone(s) (raises :class:`~cosod.errors.WeightsMissingError` without their files) and
+        the model: the stage-1 checkpoint or its ``stage1_init`` variant, or the UMS checkpoint, whose
+        recorded backbones are used."""
         cfg = config or PipelineConfig()
-        backbone = build_backbone(
-            cfg.backbone, weights_dir=weights_dir, device=device, input_size=cfg.input_size
-        )
+        cache = FeatureCache(cache_dir) if cache_dir else None
+        size = cfg.input_size
+        if cfg.model == "ums":
+            from .ums.checkpoint import load_ums
+
+            if not cfg.ums_checkpoint:
+                raise ValueError(
+                    "model 'ums' needs a trained checkpoint (ums_checkpoint); train one with "
+                    "`cosod train --model ums`"
+                )
+            ums = load_ums(cfg.ums_checkpoint)
+            backbone = build_backbone(ums.backbone, weights_dir=weights_dir, device=device, input_size=size)
+            v2 = build_backbone(ums.v2_backbone, weights_dir=weights_dir, device=device, input_size=size)
+            return cls(cfg, backbone, None, cache, ums=ums, v2_backbone=v2)
+        backbone = build_backbone(cfg.backbone, weights_dir=weights_dir, device=device, input_size=size)
         if cfg.stage1_checkpoint:
             stage1 = load_stage1(cfg.stage1_checkpoint).net
         elif cfg.stage1_init == "identity":
             stage1 = Stage1Net.identity(backbone.embed_dim)
         else:
             stage1 = Stage1Net.seeded(backbone.embed_dim)
-        cache = FeatureCache(cache_dir) if cache_dir else None
         return cls(cfg, backbone, stage1, cache)
 
     def _compute_version_id(self) -> str:
         cfg = asdict(self.config)
-        cfg.pop("batch_size")
-        cfg.pop("stage1_checkpoint")  # the weights themselves are hashed below
+        for volatile in ("batch_size", "stage1_checkpoint", "ums_checkpoint"):
+            cfg.pop(volatile)  # the weights themselves are hashed below
         h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
         h.update(self.backbone.id.encode())
-        for name, tensor in sorted(self.stage1.state_dict().items()):
+        if self.v2_backbone is not None:
+            h.update(self.v2_backbone.id.encode())
+        net = self.stage1 if self.config.model == "scosparc" else self.ums.net
+        for name, tensor in sorted(net.state_dict().items()):
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        h.update(f"{self.threshold}:{self.bm_bar}".encode())
         return h.hexdigest()[:16]
 
     @property
     def version_id(self) -> str:
-        """Stable id of config + backbone weights + stage-1 weights; changes when any of them changes."""
+        """Stable id of config + backbone weights + model weights; changes when any of them changes."""
         return self._version_id
 
     def encode(self, images: Sequence[np.ndarray], hashes: Sequence[str] | None = None) -> BackboneFeatures:
@@ -198,7 +248,8 @@ class Pipeline:
 
     @torch.no_grad()
     def stage1_maps(self, feats: BackboneFeatures, hashes: Sequence[str]) -> tuple[torch.Tensor, list[int]]:
-        """(B, h, w) soft maps and the reference indices used. One image: its saliency (module docstring)."""
+        """SCoSPARC: (B, h, w) soft maps and the reference indices used. One image: its saliency."""
+        assert self.stage1 is not None
         n = len(feats)
         if n == 1:
             net = self.stage1
@@ -206,6 +257,48 @@ class Pipeline:
         refs = choose_references(hashes, self.config.max_refs)
         maps = self.stage1(feats.tokens.to(self.backbone.device), reference_mask(n, refs), chunk=16)
         return maps.float().cpu(), refs
+
+    @torch.no_grad()
+    def ums_maps(self, feats: BackboneFeatures, feats2: BackboneFeatures, hashes: Sequence[str]) -> ModelMaps:
+        """UMS: the network runs on one group per forward (CFMM mixes the batch). Up to K images go in
+        together; a larger group runs as the K references alone, then as the references plus chunks of at
+        most K other images, so every image meets the same K references and the cost stays linear."""
+        n = len(feats)
+        refs = choose_references(hashes, self.config.max_refs)
+        batches = [refs] + [
+            refs + chunk
+            for chunk in _chunks([i for i in range(n) if i not in set(refs)], self.config.max_refs)
+        ]
+        work: list[torch.Tensor | None] = [None] * n
+        proto: list[torch.Tensor | None] = [None] * n
+        dev = self.backbone.device
+        for batch in batches:
+            out = self.ums.net(feats.tokens[batch].to(dev), feats2.tokens[batch].to(dev))
+            maps = torch.sigmoid(out.logits[:, 0]).float().cpu()
+            enriched = out.enriched.permute(0, 2, 3, 1).float().cpu()
+            for row, i in enumerate(batch):
+                if work[i] is None:
+                    work[i], proto[i] = maps[row], enriched[row]
+        size = self.config.input_size
+        stacked = torch.stack([w for w in work if w is not None])
+        if tuple(stacked.shape[1:]) != (size, size):
+            stacked = upsample(stacked, size)
+        return ModelMaps(stacked, torch.stack([p for p in proto if p is not None]), None, refs)
+
+    def model_maps(self, images: Sequence[np.ndarray], digests: Sequence[str]) -> tuple[ModelMaps, float]:
+        """Encode (timed apart) and run the model; returns the maps and the encoding seconds."""
+        t0 = time.perf_counter()
+        feats = self.encode(images, digests)
+        if self.config.model == "ums":
+            assert self.v2_backbone is not None
+            feats2 = encode_images(
+                self.v2_backbone, images, cache=self.cache, hashes=digests, batch_size=self.config.batch_size
+            )
+            t1 = time.perf_counter()
+            return self.ums_maps(feats, feats2, digests), t1 - t0
+        t1 = time.perf_counter()
+        maps, refs = self.stage1_maps(feats, digests)
+        return ModelMaps(upsample(maps, self.config.input_size), feats.tokens, maps, refs), t1 - t0
 
     def predict_group(
         self, images: Sequence[np.ndarray], *, hashes: Sequence[str] | None = None
@@ -217,41 +310,41 @@ class Pipeline:
             return GroupPrediction(mode="empty")
         t0 = time.perf_counter()
         digests = list(hashes) if hashes is not None else [image_hash(im) for im in images]
-        feats = self.encode(images, digests)
+        maps, encode_seconds = self.model_maps(images, digests)
         t1 = time.perf_counter()
-        maps, refs = self.stage1_maps(feats, digests)
-        t2 = time.perf_counter()
-        pred = self.masks_from_maps(images, feats, maps)
-        pred.references = refs
+        pred = self.masks_from_maps(images, maps)
+        pred.references = maps.references
         pred.mode = "single" if len(images) == 1 else "group"
-        pred.timings = {"backbone": t1 - t0, "stage1": t2 - t1, **pred.timings}
+        pred.timings = {"backbone": encode_seconds, "stage1": t1 - t0 - encode_seconds, **pred.timings}
         pred.timings["total"] = time.perf_counter() - t0
         return pred
 
-    def masks_from_maps(
-        self, images: Sequence[np.ndarray], feats: BackboneFeatures, maps: torch.Tensor
-    ) -> GroupPrediction:
-        """Threshold, refine and CRF given stage-1 maps (B, h, w) in [0, 1]; ``feats`` supplies the tokens
-        for the region prototype. Used by :meth:`predict_group` and by model evaluation in training."""
+    def masks_from_maps(self, images: Sequence[np.ndarray], maps: ModelMaps) -> GroupPrediction:
+        """RRBE: adaptive threshold, region refinement and CRF of a model's maps (shared by both models)."""
         cfg = self.config
         t0 = time.perf_counter()
-        grid = feats.grid
-        size = cfg.input_size
-        work = upsample(maps, size)  # (B, S, S)
-        if cfg.threshold == "group":
+        work = maps.work
+        grid = (int(maps.proto_tokens.shape[1]), int(maps.proto_tokens.shape[2]))
+        if self.threshold == "group":
             th = torch.full(
                 (len(images),),
-                group_threshold(work, grid, th0=cfg.th0, alpha_c=cfg.alpha_c, bm_bar=cfg.bm_bar),
+                group_threshold(work, grid, th0=cfg.th0, alpha_c=cfg.alpha_c, bm_bar=self.bm_bar),
             )
         else:
-            th = map_thresholds(work, th0=cfg.th0, alpha_c=cfg.alpha_c, bm_bar=cfg.bm_bar)
+            th = map_thresholds(work, th0=cfg.th0, alpha_c=cfg.alpha_c, bm_bar=self.bm_bar)
         binary_work = (work >= th[:, None, None]).numpy()
         regions: list[RegionDecision | None] = [None] * len(images)
         if cfg.refine:
-            proto = group_prototype(feats.tokens, maps >= th[:, None, None])
+            if maps.grid_maps is not None:
+                grid_masks = maps.grid_maps >= th[:, None, None]
+            else:
+                grid_masks = torch.from_numpy(
+                    np.stack([component_grid_masks(b.astype(np.int64), 1, grid)[0] for b in binary_work])
+                )
+            proto = group_prototype(maps.proto_tokens, grid_masks)
             for i in range(len(images)):
                 binary_work[i], regions[i] = refine_regions(
-                    binary_work[i], feats.tokens[i], proto, box_sim=cfg.box_sim
+                    binary_work[i], maps.proto_tokens[i], proto, box_sim=cfg.box_sim
                 )
         t1 = time.perf_counter()
         masks: list[np.ndarray] = []
@@ -272,6 +365,10 @@ class Pipeline:
             thresholds=[float(t) for t in th],
             regions=regions,
         )
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def describe(config: PipelineConfig) -> dict[str, Any]:

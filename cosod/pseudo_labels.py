@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -153,3 +154,29 @@ def group_pseudo_labels(
         categories[owner].append(int(cid))
     sa = [attention_mask(feats.cls_attention[i].numpy()) for i in range(len(feats))]
     return select_pseudo_labels(candidates, categories, sa, k=k)
+
+
+def pseudo_label_masks(
+    images: Sequence[np.ndarray],
+    feats: BackboneFeatures,
+    *,
+    size: int | None = None,
+    crf: bool = True,
+    **selection: Any,
+) -> tuple[list[np.ndarray], list[PseudoLabel]]:
+    """Pseudo-label masks for a group: bool HxW at each image's original size, or SxS when ``size`` is
+    given (the image is then resized to SxS first, as the network sees it). Grid masks are upsampled
+    (nearest) and, with ``crf``, snapped to image edges by the dense CRF of :mod:`cosod.refine`."""
+    from PIL import Image
+
+    from .discovery import upsample_mask
+    from .refine import crf_refine
+
+    labels = group_pseudo_labels(feats, **selection)
+    masks = []
+    for img, lab in zip(images, labels, strict=True):
+        if size is not None:
+            img = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR))
+        up = upsample_mask(lab.mask, img.shape[:2])
+        masks.append(crf_refine(img, up) if crf else up)
+    return masks, labels
