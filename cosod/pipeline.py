@@ -229,7 +229,8 @@ class Pipeline:
         h.update(self.backbone.id.encode())
         if self.v2_backbone is not None:
             h.update(self.v2_backbone.id.encode())
-        net = self.stage1 if self.config.model == "scosparc" else self.ums.net
+        net = self.ums.net if self.config.model == "ums" else self.stage1
+        assert net is not None
         for name, tensor in sorted(net.state_dict().items()):
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
