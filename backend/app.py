@@ -1,0 +1,234 @@
+"""The Label Studio ML backend protocol on Flask: /health, /setup, /predict, /webhook, /versions, /metrics.
+
+Serve with ``gunicorn --workers 1 --threads 4 --timeout 0 'backend.app:create_app()'`` (no ``--preload``: each
+worker loads the backbone itself, in a background thread started here). Every error reaches the client as
+JSON ``{"error": ..., "status": ...}``; tracebacks stay in the log.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .errors import BackendError, BadRequestError
+from .labelstudio import LabelStudioClient
+from .loader import PipelineFactory, PipelineLoader
+from .metrics import default_metrics
+from .model import CoSODModel
+from .projects import parse_project_id
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 256 * 1024 * 1024  # a request body over this gets a JSON 413
+TRAINING_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "START_TRAINING")
+
+
+def _json_body() -> dict[str, Any]:
+    body = request.get_json(force=True, silent=True)
+    if not isinstance(body, dict):
+        raise BadRequestError(
+            "the request body must be a JSON object" + ("" if request.data else " (the body is empty)")
+        )
+    return body
+
+
+class RedisProbe:
+    """Pings REDIS_URL for /health with short timeouts; ``None`` when Redis is not configured."""
+
+    def __init__(self, url: str | None):
+        self.url = url
+        self._client: Any = None
+
+    def check(self) -> str | None:
+        if not self.url:
+            return None
+        try:
+            if self._client is None:
+                import redis
+
+                self._client = redis.Redis.from_url(self.url, socket_connect_timeout=0.3, socket_timeout=0.3)
+            self._client.ping()
+            return "ok"
+        except Exception as exc:
+            return f"unreachable ({exc.__class__.__name__}: {exc})"
+
+
+def _configure_logging(level: str) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            level=level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
+        )
+    logging.getLogger("backend").setLevel(level)
+
+
+def create_app(settings: Settings | None = None, pipeline_factory: PipelineFactory | None = None) -> Flask:
+    """Build the app. ``settings`` default to the environment; ``pipeline_factory(settings)`` builds the
+    pipeline (default: ``cosod.pipeline.Pipeline.build``) and runs once, in a background thread."""
+    settings = settings or Settings.from_env()
+    _configure_logging(settings.log_level)
+    metrics = default_metrics()
+    loader = PipelineLoader(settings, pipeline_factory)
+    ls = LabelStudioClient(settings)
+    model = CoSODModel(settings, loader, ls, metrics)
+    redis_probe = RedisProbe(settings.redis_url)
+
+    app = Flask(__name__)
+    app.config["JSON_SORT_KEYS"] = False
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.extensions["cosod"] = {
+        "settings": settings,
+        "model": model,
+        "loader": loader,
+        "ls": ls,
+        "metrics": metrics,
+    }
+    loader.ensure_started()
+
+    @app.before_request
+    def _before() -> Response | None:
+        g.t0 = time.perf_counter()
+        loader.ensure_started()
+        if settings.basic_auth:
+            auth = request.authorization
+            ok = (
+                auth is not None
+                and auth.type == "basic"
+                and hmac.compare_digest(
+                    (auth.username or "").encode(), (settings.basic_auth_user or "").encode()
+                )
+                and hmac.compare_digest(
+                    (auth.password or "").encode(), (settings.basic_auth_pass or "").encode()
+                )
+            )
+            if not ok:
+                resp = jsonify(error="authentication required (HTTP basic auth)", status=401)
+                resp.status_code = 401
+                resp.headers["WWW-Authenticate"] = 'Basic realm="cosod-ml-backend"'
+                return resp
+        return None
+
+    @app.after_request
+    def _after(resp: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.inc(
+            "requests_total", {"route": route, "method": request.method, "status": str(resp.status_code)}
+        )
+        if "t0" in g:
+            metrics.observe("request_seconds", time.perf_counter() - g.t0, {"route": route})
+        return resp
+
+    @app.errorhandler(BackendError)
+    def _backend_error(exc: BackendError) -> tuple[Response, int]:
+        kind = type(exc).__name__
+        metrics.inc("errors_total", {"kind": kind})
+        log.warning("%s %s -> %d %s: %s", request.method, request.path, exc.status, kind, exc)
+        return jsonify(error=str(exc), type=kind, status=exc.status), exc.status
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> tuple[Response, int]:
+        code = exc.code or 500
+        metrics.inc("errors_total", {"kind": f"http_{code}"})
+        return jsonify(error=exc.description or exc.name, status=code), code
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> tuple[Response, int]:
+        metrics.inc("errors_total", {"kind": "internal"})
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return jsonify(
+            error=f"internal error ({exc.__class__.__name__}); see the backend log", status=500
+        ), 500
+
+    @app.get("/")
+    @app.get("/health")
+    def health() -> tuple[Response, int]:
+        redis_state = redis_probe.check()
+        ready = loader.state == "ready" and redis_state in (None, "ok")
+        status = {"ready": "UP", "loading": "LOADING", "failed": "ERROR"}.get(loader.state, "LOADING")
+        if loader.state == "ready" and not ready:
+            status = "DEGRADED"
+        body: dict[str, Any] = {
+            "status": status,
+            "ready": ready,
+            "model_class": "CoSODModel",
+            "backbone": settings.backbone,
+            "device": settings.device,
+            "redis": redis_state or "not configured",
+            "label_studio": settings.label_studio_url or "not configured",
+        }
+        if loader.state == "ready":
+            body["pipeline_version"] = getattr(loader.pipeline, "version_id", None)
+            body["load_seconds"] = round(loader.load_seconds or 0.0, 3)
+        if loader.error:
+            body["error"] = loader.error
+        return jsonify(body), 200 if ready else 503
+
+    @app.post("/setup")
+    def setup() -> Response:
+        body = _json_body()
+        if "project" not in body:
+            raise BadRequestError("/setup needs 'project' ('<id>.<timestamp>')")
+        pid = parse_project_id(body["project"])
+        schema = body.get("schema")
+        if schema is not None and not isinstance(schema, str):
+            raise BadRequestError(
+                f"'schema' must be the label config XML string, got {type(schema).__name__}"
+            )
+        version = model.setup(pid, schema, body.get("extra_params"), body.get("access_token"))
+        return jsonify(model_version=version)
+
+    @app.post("/predict")
+    def predict() -> Response:
+        body = _json_body()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list) or not tasks:
+            raise BadRequestError("/predict needs 'tasks', a non-empty list of Label Studio tasks")
+        raw_project = body.get("project")
+        if raw_project is None and isinstance(tasks[0], dict):
+            raw_project = tasks[0].get("project")
+        if raw_project is None:
+            raise BadRequestError("/predict needs 'project' ('<id>.<timestamp>')")
+        label_config = body.get("label_config")
+        if label_config is not None and not isinstance(label_config, str):
+            raise BadRequestError("'label_config' must be the label config XML string")
+        project = model.project(parse_project_id(raw_project), label_config)
+        params = body.get("params") if isinstance(body.get("params"), dict) else {}
+        items, errors = model.predict(tasks, project=project, context=params.get("context"))
+        out: dict[str, Any] = {"results": items}
+        if errors:
+            out["errors"] = errors
+        return jsonify(out)
+
+    @app.post("/webhook")
+    def webhook() -> tuple[Response, int]:
+        body = _json_body()
+        action = body.get("action")
+        if not isinstance(action, str) or not action:
+            raise BadRequestError("/webhook needs 'action' (e.g. ANNOTATION_CREATED)")
+        metrics.inc("webhook_events_total", {"action": action})
+        info = model.fit(action, body)
+        status = "ok" if action in TRAINING_EVENTS else "ignored"
+        return jsonify(status=status, **info), 200
+
+    @app.get("/versions")
+    def versions() -> Response:
+        raw = request.args.get("project")
+        if raw is None:
+            body = request.get_json(force=True, silent=True)
+            raw = body.get("project") if isinstance(body, dict) else None
+        pid = parse_project_id(raw) if raw is not None else None
+        found = model.versions(pid)
+        return jsonify(versions=found, model_version=found[0] if len(found) == 1 else None)
+
+    @app.get("/metrics")
+    def metrics_route() -> Response:
+        metrics.set("backbone_ready", 1.0 if loader.state == "ready" else 0.0)
+        return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
+
+    return app

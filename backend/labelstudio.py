@@ -1,0 +1,290 @@
+"""Label Studio through label-studio-sdk: a project's tasks (cached), and task images read safely.
+
+Reading a task image is a security boundary. Only these are read:
+
+- ``/data/upload/...`` (or ``upload/...``), ``/storage-data/uploaded/?filepath=...`` and
+  ``/data/local-files/?d=...``: from the configured ``LABEL_STUDIO_URL``, with its token;
+- ``/data/local-files/?d=<rel>`` straight from disk when ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT`` is set,
+  only below that root (the SDK's resolver does the normalisation);
+- cloud URIs (``s3://``, ``gs://``, ``azure-blob://``) through Label Studio's presign endpoint for the task;
+- ``http(s)://`` URLs whose host is the configured Label Studio host.
+
+Everything else (other hosts, ``file://``, absolute paths, ``data:`` URIs) is refused with
+:class:`ImageRefusedError`. The byte limit is enforced while downloading, the pixel limit from the header,
+both before decoding; decoding itself is ``cosod.imageio.decode_image``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+import time
+import warnings
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import requests
+from label_studio_sdk._extensions.label_studio_tools.core.utils.io import (
+    encode_presign_fileuri,
+    is_cloud_storage_uri,
+    local_files_resolver,
+    resolve_local_storage_file,
+    safe_build_path,
+)
+from PIL import Image
+
+from cosod.errors import ImageReadError
+from cosod.imageio import decode_image
+
+from .errors import ImageFetchError, ImageRefusedError, LabelStudioError, UnknownProjectError
+from .grouping import TaskRef
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class LabelStudioClient:
+    """One per process. ``api_key`` is ``LABEL_STUDIO_API_KEY`` (legacy token or personal access token);
+    without it, the legacy token from the latest ``/setup`` is used (see :meth:`offer_token`)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._fallback_token: str | None = None
+        self._sdk: Any = None
+        self._sdk_token: str | None = None
+        self._tasks: dict[int, tuple[float, list[TaskRef]]] = {}
+        self.list_calls = 0
+
+    # -- auth -----------------------------------------------------------------------------------------
+    @property
+    def configured(self) -> bool:
+        return bool(
+            self.settings.label_studio_url and (self.settings.label_studio_api_key or self._fallback_token)
+        )
+
+    def offer_token(self, token: str | None) -> None:
+        """The legacy token LS sends in ``/setup``; used only when no API key is configured."""
+        if token and not self.settings.label_studio_api_key and token != self._fallback_token:
+            with self._lock:
+                self._fallback_token = token
+                self._sdk = None
+
+    def sdk(self) -> Any:
+        """The SDK client (it exchanges a personal access token for short-lived access tokens itself)."""
+        token = self.settings.label_studio_api_key or self._fallback_token
+        if not self.settings.label_studio_url or not token:
+            raise LabelStudioError(
+                "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set to reach Label Studio"
+            )
+        with self._lock:
+            if self._sdk is None or self._sdk_token != token:
+                from label_studio_sdk.client import LabelStudio
+
+                try:
+                    self._sdk = LabelStudio(
+                        base_url=self.settings.label_studio_url,
+                        api_key=token,
+                        timeout=self.settings.http_timeout,
+                    )
+                except Exception as exc:  # an expired PAT raises here
+                    raise LabelStudioError(f"cannot use LABEL_STUDIO_API_KEY: {exc}") from None
+                self._sdk_token = token
+            return self._sdk
+
+    def auth_headers(self) -> dict[str, str]:
+        """``Authorization: Token <legacy>`` or ``Bearer <fresh access token>``, as the SDK builds it."""
+        try:
+            headers = self.sdk()._client_wrapper.get_headers()
+        except LabelStudioError:
+            return {}
+        except Exception as exc:  # token refresh failed
+            raise LabelStudioError(f"Label Studio refused the API key: {exc}") from None
+        return {"Authorization": headers["Authorization"]} if "Authorization" in headers else {}
+
+    # -- tasks ----------------------------------------------------------------------------------------
+    def project_tasks(self, project_id: int, *, refresh: bool = False) -> list[TaskRef]:
+        """All tasks of a project (id and data), cached for ``COSOD_TASK_LIST_TTL`` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._tasks.get(project_id)
+        if hit and not refresh and now - hit[0] < self.settings.task_list_ttl:
+            return hit[1]
+        from label_studio_sdk.core.api_error import ApiError
+
+        client = self.sdk()
+        try:
+            pager = client.tasks.list(project=project_id, fields="task_only", page_size=500)
+            tasks = [TaskRef(int(t.id), dict(t.data or {})) for t in pager]
+        except ApiError as exc:
+            if exc.status_code == 404:
+                raise UnknownProjectError(f"Label Studio has no project {project_id}") from None
+            raise LabelStudioError(
+                f"listing the tasks of project {project_id} failed: HTTP {exc.status_code}"
+            ) from None
+        except (requests.RequestException, OSError) as exc:
+            raise LabelStudioError(
+                f"cannot reach Label Studio at {self.settings.label_studio_url}: {exc}"
+            ) from None
+        except Exception as exc:  # httpx errors and the like
+            raise LabelStudioError(f"listing the tasks of project {project_id} failed: {exc}") from None
+        self.list_calls += 1
+        with self._lock:
+            self._tasks[project_id] = (now, tasks)
+        return tasks
+
+    def forget_project(self, project_id: int) -> None:
+        with self._lock:
+            self._tasks.pop(project_id, None)
+
+    # -- images ---------------------------------------------------------------------------------------
+    def read_image(self, url: Any, task_id: int | None = None) -> np.ndarray:
+        """A task's image reference -> HxWx3 uint8 RGB. Raises ImageRefusedError (policy, limits),
+        ImageFetchError (cannot get the bytes) or cosod's ImageReadError (not a decodable image)."""
+        if not isinstance(url, str) or not url:
+            raise ImageFetchError(f"task {task_id}: no image reference in the task data (got {url!r})")
+        data = self.read_bytes(url, task_id)
+        name = f"task {task_id} image {url}"
+        self._check_pixels(data, name)
+        return decode_image(
+            data,
+            max_bytes=self.settings.max_image_bytes,
+            max_pixels=self.settings.max_image_pixels,
+            name=name,
+        )
+
+    def read_bytes(self, url: str, task_id: int | None = None) -> bytes:
+        s = self.settings
+        if url.startswith(("upload/", "/upload/")):
+            url = "/data/" + url.lstrip("/")
+        parsed = urlparse(url)
+        if is_cloud_storage_uri(url):
+            if task_id is None:
+                raise ImageFetchError(f"{url}: a cloud storage URI needs the task id to be presigned")
+            return self._download(
+                f"/tasks/{task_id}/presign/?fileuri={encode_presign_fileuri(url)}", url, follow_redirects=True
+            )
+        if parsed.scheme in ("http", "https"):
+            ls = urlparse(s.label_studio_url or "")
+            if not s.label_studio_url or (parsed.scheme, parsed.netloc) != (ls.scheme, ls.netloc):
+                raise ImageRefusedError(
+                    f"{url}: the host {parsed.netloc!r} is not allowed; task images are read only from "
+                    f"Label Studio ({s.label_studio_url or 'LABEL_STUDIO_URL is not set'}) "
+                    "or its local-files root"
+                )
+            url = parsed.path + (f"?{parsed.query}" if parsed.query else "")
+            parsed = urlparse(url)
+        elif parsed.scheme or parsed.netloc or not url.startswith("/"):
+            raise ImageRefusedError(
+                f"{url}: not a Label Studio media URL; only uploads, local files, cloud "
+                "storage through Label Studio and URLs on the Label Studio host are read"
+            )
+        if parsed.path.startswith("/data/local-files") and s.local_files_root:
+            return self._read_local(url)
+        if not parsed.path.startswith(("/data/upload/", "/storage-data/uploaded", "/data/local-files")):
+            raise ImageRefusedError(
+                f"{url}: only /data/upload/, /storage-data/uploaded/ and /data/local-files/ "
+                "paths of Label Studio are read"
+            )
+        if ".." in parsed.path.split("/"):
+            raise ImageRefusedError(f"{url}: '..' is not allowed in a media path")
+        return self._download(url, url)
+
+    def _read_local(self, url: str) -> bytes:
+        root = os.path.abspath(self.settings.local_files_root or "")
+
+        def resolver(relative: str) -> str | None:
+            try:
+                return safe_build_path(root, os.path.normpath(relative).lstrip("/"))
+            except ValueError:
+                return None
+
+        try:
+            with local_files_resolver(resolver):
+                path = resolve_local_storage_file(url)
+        except FileNotFoundError as exc:
+            raise ImageRefusedError(f"{url}: outside the local-files root {root} ({exc})") from None
+        if path is None or not os.path.realpath(path).startswith(os.path.realpath(root) + os.sep):
+            raise ImageRefusedError(f"{url}: outside the local-files root {root}")
+        try:
+            size = os.path.getsize(path)
+            if size > self.settings.max_image_bytes:
+                raise ImageRefusedError(
+                    f"{url}: {size} bytes is over the limit of {self.settings.max_image_bytes} bytes"
+                )
+            with open(path, "rb") as fh:
+                return fh.read()
+        except OSError as exc:
+            raise ImageFetchError(f"{url}: cannot read the local file ({exc.strerror or exc})") from None
+
+    def _download(self, path: str, shown: str, *, follow_redirects: bool = False) -> bytes:
+        s = self.settings
+        if not s.label_studio_url:
+            raise ImageFetchError(
+                f"{shown}: LABEL_STUDIO_URL is not set, so Label Studio media cannot be read"
+            )
+        target = s.label_studio_url.rstrip("/") + "/" + path.lstrip("/")
+        headers = self.auth_headers()
+        try:
+            with requests.get(
+                target,
+                headers=headers,
+                stream=True,
+                timeout=(5, s.http_timeout),
+                allow_redirects=follow_redirects,
+            ) as resp:
+                if resp.status_code >= 400:
+                    raise ImageFetchError(f"{shown}: Label Studio answered HTTP {resp.status_code}")
+                if 300 <= resp.status_code < 400:
+                    raise ImageRefusedError(
+                        f"{shown}: Label Studio redirected to "
+                        f"{resp.headers.get('Location')!r}; redirects are not followed"
+                    )
+                declared = resp.headers.get("Content-Length")
+                if declared and declared.isdigit() and int(declared) > s.max_image_bytes:
+                    raise ImageRefusedError(
+                        f"{shown}: {declared} bytes is over the limit of {s.max_image_bytes} bytes"
+                    )
+                buf = bytearray()
+                for chunk in resp.iter_content(1 << 16):
+                    buf += chunk
+                    if len(buf) > s.max_image_bytes:
+                        raise ImageRefusedError(
+                            f"{shown}: more than {s.max_image_bytes} bytes, over the limit of "
+                            f"{s.max_image_bytes} bytes"
+                        )
+                return bytes(buf)
+        except requests.RequestException as exc:
+            raise ImageFetchError(
+                f"{shown}: cannot download from Label Studio ({exc.__class__.__name__})"
+            ) from None
+
+    def _check_pixels(self, data: bytes, name: str) -> None:
+        """Refuse an image whose header announces more pixels than allowed (undecodable data passes on
+        to decode_image, which reports it)."""
+        if len(data) > self.settings.max_image_bytes:
+            raise ImageRefusedError(
+                f"{name}: {len(data)} bytes is over the limit of {self.settings.max_image_bytes} bytes"
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as img:
+                    w, h = img.size
+        except Image.DecompressionBombError as exc:
+            raise ImageRefusedError(
+                f"{name}: over the limit of {self.settings.max_image_pixels} pixels ({exc})"
+            ) from None
+        except Exception:
+            return
+        if w * h > self.settings.max_image_pixels:
+            raise ImageRefusedError(
+                f"{name}: {w}x{h} = {w * h} pixels is over the limit of "
+                f"{self.settings.max_image_pixels} pixels"
+            )
+
+
+__all__ = ["LabelStudioClient", "ImageReadError"]

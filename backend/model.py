@@ -1,0 +1,296 @@
+"""CoSODModel: ``setup``, ``predict(tasks, context)`` and ``fit(event, data)`` per Label Studio project.
+
+**model_version.** One per project, the same in ``/setup`` and in every prediction:
+``<model name>-p<project id>-<8 hex>``, the hex being the start of sha256 over the model name, the project id
+and ``pipeline.version_id`` (which changes with the config, the backbone weights or the stage-1 weights).
+Example: ``scosparc-p12-3fa4c2d1``. It is a pure function of those inputs, so every worker and every restart
+agrees, and Label Studio's dedup (§1.3 of the protocol doc) never sees two versions for one model.
+
+**Groups.** A task is predicted together with its whole group (see ``grouping.py``): the other members come
+from Label Studio (SDK task list, cached), their images are fetched, and ``Pipeline.predict_group`` runs on
+at most ``COSOD_MAX_GROUP_IMAGES`` images (beyond that: the asked tasks plus K evenly spread references).
+Results are cached per (model version, group content digest), so the next task of the group answers at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cosod.errors import ImageReadError
+
+from . import brush
+from .errors import BackendError, BadRequestError, ImageFetchError, ImageRefusedError, UnknownProjectError
+from .grouping import GroupKey, TaskRef, choose_subset, group_digest, group_key, members
+from .labelconfig import LabelConfig
+from .labelstudio import LabelStudioClient
+from .loader import PipelineLoader
+from .metrics import Metrics
+from .projects import Project, ProjectRegistry
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A task's result within a group: a mask and score, or the reason there is none."""
+
+    mask: np.ndarray | None = None
+    score: float = 0.0
+    error: str | None = None
+    kind: str | None = None  # "image_unreadable" | "image_refused" | "image_fetch"
+
+
+class GroupCache:
+    """LRU of group results: (model version, group digest) -> {task id: Outcome}."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._lock = threading.Lock()
+        self._data: OrderedDict[tuple[str, str], dict[int, Outcome]] = OrderedDict()
+
+    def get(self, key: tuple[str, str]) -> dict[int, Outcome]:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return dict(self._data[key])
+            return {}
+
+    def put(self, key: tuple[str, str], outcomes: Mapping[int, Outcome]) -> None:
+        with self._lock:
+            merged = {**self._data.get(key, {}), **outcomes}
+            self._data[key] = merged
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class CoSODModel:
+    """One per process; holds per-project state, the group cache and the Label Studio client."""
+
+    def __init__(self, settings: Settings, loader: PipelineLoader, ls: LabelStudioClient, metrics: Metrics):
+        self.settings = settings
+        self.loader = loader
+        self.ls = ls
+        self.metrics = metrics
+        self.cache = GroupCache(settings.group_cache_size)
+        self.projects = ProjectRegistry(settings)
+        self._compute_lock = threading.Lock()
+
+    # -- projects and versions ------------------------------------------------------------------------
+    def model_version(self, project_id: int, pipeline: Any) -> str:
+        name = getattr(getattr(pipeline, "config", None), "model", None) or self.settings.model_name
+        digest = hashlib.sha256(f"{name}|{project_id}|{pipeline.version_id}".encode()).hexdigest()[:8]
+        return f"{name}-p{project_id}-{digest}"
+
+    def project(self, project_id: int, label_config: str | None = None, extra_params: Any = None) -> Project:
+        return self.projects.get(project_id, label_config, extra_params)
+
+    def setup(
+        self, project_id: int, schema: str | None, extra_params: Any = None, access_token: str | None = None
+    ) -> str:
+        """Validate the config, remember it, and return the project's model_version. Never loads weights:
+        it waits at most 2 s for the background load, then answers NotReadyError."""
+        project = self.project(project_id, schema, extra_params if extra_params is not None else {})
+        self.ls.offer_token(access_token)
+        pipeline = self.loader.require(timeout=2.0, model=project.model)
+        return self.model_version(project_id, pipeline)
+
+    def versions(self, project_id: int | None = None) -> list[str]:
+        ids = self.projects.ids() if project_id is None else [project_id]
+        out = []
+        for i in ids:
+            try:
+                model = self.project(i).model
+            except BackendError:
+                continue
+            pipeline = self.loader.ready(model)
+            if pipeline is not None:
+                out.append(self.model_version(i, pipeline))
+        return out
+
+    # -- fit (webhook) --------------------------------------------------------------------------------
+    def fit(self, event: str, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Record a Label Studio event. Cheap on purpose (the webhook has 1 s); storage comes later."""
+        project = data.get("project") if isinstance(data, Mapping) else None
+        pid = project.get("id") if isinstance(project, Mapping) else None
+        task = data.get("task") if isinstance(data, Mapping) else None
+        tid = task.get("id") if isinstance(task, Mapping) else None
+        if event.startswith("TASKS_") or event in ("PROJECT_UPDATED",):
+            if isinstance(pid, int):
+                self.ls.forget_project(pid)  # the group membership may have changed
+        log.info("webhook %s project=%s task=%s", event, pid, tid)
+        return {"action": event, "project": pid, "task": tid}
+
+    # -- predict --------------------------------------------------------------------------------------
+    def predict(
+        self, tasks: Sequence[Mapping[str, Any]], *, project: Project, context: Any = None
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """One item per task (``{result, score, model_version}``), and a list of per-task errors.
+
+        A task whose image is not decodable gets ``result: []`` and its reason; a task whose image is
+        refused or cannot be fetched gets an item without ``result`` (Label Studio stores nothing for it
+        and logs the item), so that it is predicted again once the cause is fixed.
+        """
+        pipeline = self.loader.require(model=project.model)
+        version = self.model_version(project.id, pipeline)
+        refs = [_task_ref(t, i) for i, t in enumerate(tasks)]
+        by_group: dict[GroupKey, list[TaskRef]] = {}
+        for ref in refs:
+            by_group.setdefault(group_key(ref.data, project.group_by), []).append(ref)
+        outcomes: dict[int, Outcome] = {}
+        for key, asked in by_group.items():
+            outcomes.update(self._predict_group(project, key, asked, pipeline, version))
+        items: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        for ref in refs:
+            out = outcomes[ref.id]
+            if out.error is not None:
+                errors.append({"task": ref.id, "kind": out.kind, "error": out.error})
+                self.metrics.inc("errors_total", {"kind": out.kind or "unknown"})
+                if out.kind == "image_unreadable":
+                    items.append({"result": [], "score": 0.0, "model_version": version, "error": out.error})
+                else:
+                    items.append({"model_version": version, "error": out.error})
+                continue
+            items.append(
+                {
+                    "result": self._regions(project.config, ref.id, out),
+                    "score": round(out.score, 4),
+                    "model_version": version,
+                }
+            )
+        self.metrics.inc("predicted_tasks_total", value=len(items))
+        return items, errors
+
+    def _regions(self, config: LabelConfig, task_id: int, out: Outcome) -> list[dict[str, Any]]:
+        assert out.mask is not None
+        regions: list[dict[str, Any]] = []
+        if not out.mask.any():
+            return regions
+        for c in config.controls:
+            rid = brush.region_id(task_id, c.from_name)
+            kw = dict(from_name=c.from_name, to_name=c.to_name, label=c.label, score=out.score, rid=rid)
+            if c.kind == "brushlabels":
+                regions.append(brush.brush_region(out.mask, **kw))
+            else:
+                regions.extend(brush.polygon_regions(out.mask, **kw))
+        return regions
+
+    def _members(self, project: Project, key: GroupKey, asked: list[TaskRef]) -> list[TaskRef]:
+        """The group's tasks: Label Studio's task list (cached) merged with the tasks of the request."""
+        listed: list[TaskRef] = []
+        if self.ls.configured:
+            try:
+                listed = self.ls.project_tasks(project.id)
+                known = {t.id for t in listed}
+                if any(t.id not in known for t in asked):
+                    listed = self.ls.project_tasks(project.id, refresh=True)
+            except UnknownProjectError:
+                raise
+            except BackendError as exc:
+                log.warning("project %s: using only the request's tasks as the group (%s)", project.id, exc)
+                self.metrics.inc("errors_total", {"kind": "label_studio"})
+        else:
+            log.debug("Label Studio is not configured: the group is the request's tasks")
+        by_id = {t.id: t for t in listed}
+        by_id.update({t.id: t for t in asked})
+        return members(by_id.values(), key)
+
+    def _predict_group(
+        self, project: Project, key: GroupKey, asked: list[TaskRef], pipeline: Any, version: str
+    ) -> dict[int, Outcome]:
+        group = self._members(project, key, asked)
+        digest = group_digest(key, group, project.config.image_key)
+        cache_key = (version, digest)
+        wanted = [t.id for t in asked]
+        found = self.cache.get(cache_key)
+        if all(i in found for i in wanted):
+            self.metrics.inc("group_cache_hits_total")
+            return {i: found[i] for i in wanted}
+        with self._compute_lock:  # one group computation at a time; a waiting twin finds the result cached
+            found = self.cache.get(cache_key)
+            if all(i in found for i in wanted):
+                self.metrics.inc("group_cache_hits_total")
+                return {i: found[i] for i in wanted}
+            self.metrics.inc("group_cache_misses_total")
+            missing = [i for i in wanted if i not in found]
+            subset_ids = choose_subset(
+                [t.id for t in group], missing, k=self.settings.max_refs, limit=self.settings.max_group_images
+            )
+            by_id = {t.id: t for t in group}
+            computed = self._compute([by_id[i] for i in subset_ids], project.config.image_key, pipeline)
+            log.info(
+                "project %s group %s: %d members, %d computed, version %s",
+                project.id,
+                key,
+                len(group),
+                len(subset_ids),
+                version,
+            )
+            self.cache.put(cache_key, {i: o for i, o in computed.items() if o.kind != "image_fetch"})
+        return {i: computed.get(i) or found[i] for i in wanted}
+
+    def _compute(self, tasks: list[TaskRef], image_key: str, pipeline: Any) -> dict[int, Outcome]:
+        t0 = time.perf_counter()
+        outcomes: dict[int, Outcome] = {}
+
+        def load(t: TaskRef) -> tuple[TaskRef, np.ndarray | None, Outcome | None]:
+            try:
+                return t, self.ls.read_image(t.data.get(image_key), t.id), None
+            except ImageReadError as exc:
+                log.warning("task %s: image not decodable, empty result: %s", t.id, exc)
+                return t, None, Outcome(error=str(exc), kind="image_unreadable")
+            except ImageRefusedError as exc:
+                log.warning("task %s: image refused: %s", t.id, exc)
+                return t, None, Outcome(error=str(exc), kind="image_refused")
+            except (ImageFetchError, BackendError) as exc:
+                log.warning("task %s: image not fetched: %s", t.id, exc)
+                return t, None, Outcome(error=str(exc), kind="image_fetch")
+
+        with ThreadPoolExecutor(max_workers=min(8, max(1, len(tasks)))) as pool:
+            loaded = list(pool.map(load, tasks))
+        good = [(t, img) for t, img, bad in loaded if img is not None]
+        outcomes.update({t.id: bad for t, _, bad in loaded if bad is not None})
+        if good:
+            pred = pipeline.predict_group([img for _, img in good])
+            self.metrics.inc("group_images_total", value=len(good))
+            for k, (t, img) in enumerate(good):
+                mask = np.asarray(pred.masks[k], dtype=bool)
+                if mask.shape != img.shape[:2]:
+                    raise RuntimeError(
+                        f"the pipeline returned a {mask.shape} mask for a {img.shape[:2]} image"
+                    )
+                outcomes[t.id] = Outcome(mask=mask, score=float(pred.scores[k]))
+            log.debug(
+                "group of %d: mode %s, timings %s",
+                len(good),
+                getattr(pred, "mode", "?"),
+                getattr(pred, "timings", {}),
+            )
+        self.metrics.observe("pipeline_seconds", time.perf_counter() - t0)
+        return outcomes
+
+
+def _task_ref(task: Any, index: int) -> TaskRef:
+    if not isinstance(task, Mapping):
+        raise BadRequestError(f"tasks[{index}] must be an object, got {type(task).__name__}")
+    tid, data = task.get("id"), task.get("data")
+    if not isinstance(tid, int) or isinstance(tid, bool):
+        raise BadRequestError(f"tasks[{index}] needs an integer 'id', got {tid!r}")
+    if not isinstance(data, Mapping):
+        raise BadRequestError(f"tasks[{index}] (id {tid}) needs a 'data' object, got {type(data).__name__}")
+    return TaskRef(tid, dict(data))

@@ -1,0 +1,158 @@
+"""All configuration of the backend, parsed from the environment in exactly one place.
+
+Environment variables (primary name, then aliases) -> field, default:
+
+- LABEL_STUDIO_URL, LABEL_STUDIO_HOST -> label_studio_url; none: then images only from the local-files root
+- LABEL_STUDIO_API_KEY, LABEL_STUDIO_ACCESS_TOKEN -> label_studio_api_key (legacy token or personal access
+  token); none: then the legacy token Label Studio sends in /setup
+- MODEL_DIR -> model_dir, ./model_dir
+- BASIC_AUTH_USER / BASIC_AUTH_PASS -> basic auth on every route, off by default
+- LOG_LEVEL -> log_level, INFO
+- REDIS_URL -> redis_url; when set, /health is ready only while Redis answers
+- COSOD_BACKBONE -> backbone, vit_small_patch8_224.dino
+- COSOD_MODEL -> model_name, scosparc (or ums; per project: extra params {"model": ...})
+- COSOD_STAGE1_CHECKPOINT / COSOD_UMS_CHECKPOINT -> the models' checkpoint files (UMS needs one)
+- COSOD_WEIGHTS_DIR / COSOD_CACHE_DIR -> weights_dir / cache_dir, library defaults
+- COSOD_GROUP_BY -> group_by: auto (default), project or field:<name>
+- COSOD_MAX_REFS -> max_refs, 24
+- COSOD_MAX_GROUP_IMAGES -> max_group_images, 64: larger groups use the asked tasks + K references
+- COSOD_DEVICE -> device, cpu
+- COSOD_MAX_IMAGE_BYTES / COSOD_MAX_IMAGE_PIXELS -> image limits, 64 MiB / 50 Mpx
+- COSOD_TASK_LIST_TTL -> task_list_ttl, 60 s (how long a project's task list is cached)
+- COSOD_GROUP_CACHE_SIZE -> group_cache_size, 64 groups
+- LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, LOCAL_FILES_DOCUMENT_ROOT -> local_files_root, none
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from cosod.imageio import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+
+DEFAULT_BACKBONE = "vit_small_patch8_224.dino"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MODELS = ("scosparc", "ums")  # cosod.pipeline.MODELS, without importing torch here
+
+
+def parse_group_by(value: str) -> str:
+    """Validate a grouping rule: ``auto``, ``project`` or ``field:<name>``; returns it normalised."""
+    v = (value or "").strip()
+    if v.lower() in ("", "auto"):
+        return "auto"
+    if v.lower() == "project":
+        return "project"
+    if v.lower().startswith("field:") and v[6:].strip():
+        return "field:" + v[6:].strip()
+    raise ValueError(f"group_by must be 'auto', 'project' or 'field:<name>', got {value!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    label_studio_url: str | None = None
+    label_studio_api_key: str | None = None
+    model_dir: str = "model_dir"
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = None
+    log_level: str = "INFO"
+    redis_url: str | None = None
+    backbone: str = DEFAULT_BACKBONE
+    weights_dir: str | None = None
+    cache_dir: str | None = None
+    group_by: str = "auto"
+    max_refs: int = 24
+    max_group_images: int = 64
+    device: str = "cpu"
+    max_image_bytes: int = DEFAULT_MAX_BYTES
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    local_files_root: str | None = None
+    task_list_ttl: float = 60.0
+    group_cache_size: int = 64
+    http_timeout: float = 30.0
+    model_name: str = "scosparc"
+    stage1_checkpoint: str | None = None
+    ums_checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.model_name not in MODELS:
+            raise ValueError(f"COSOD_MODEL must be one of {MODELS}, got {self.model_name!r}")
+        if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"LABEL_STUDIO_URL must start with http:// or https://, got {self.label_studio_url!r}"
+            )
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"LOG_LEVEL must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        object.__setattr__(self, "group_by", parse_group_by(self.group_by))
+        for name in (
+            "max_refs",
+            "max_group_images",
+            "max_image_bytes",
+            "max_image_pixels",
+            "group_cache_size",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise ValueError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
+        if self.local_files_root and os.path.abspath(self.local_files_root) == os.path.abspath(os.sep):
+            raise ValueError("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT must not be '/'")
+
+    @property
+    def basic_auth(self) -> bool:
+        return bool(self.basic_auth_user)
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build from ``env`` (default ``os.environ``); raises ValueError quoting a bad value."""
+        e = os.environ if env is None else env
+
+        def first(*names: str) -> str | None:
+            for n in names:
+                if e.get(n):
+                    return e[n].strip()
+            return None
+
+        def integer(name: str, default: int) -> int:
+            raw = first(name)
+            try:
+                return int(raw) if raw is not None else default
+            except ValueError:
+                raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+        def number(name: str, default: float) -> float:
+            raw = first(name)
+            try:
+                return float(raw) if raw is not None else default
+            except ValueError:
+                raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+        url = first("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST")
+        return cls(
+            label_studio_url=url.rstrip("/") if url else None,
+            label_studio_api_key=first("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN"),
+            model_dir=first("MODEL_DIR") or "model_dir",
+            basic_auth_user=first("BASIC_AUTH_USER"),
+            basic_auth_pass=first("BASIC_AUTH_PASS"),
+            log_level=(first("LOG_LEVEL") or "INFO").upper(),
+            redis_url=first("REDIS_URL"),
+            backbone=first("COSOD_BACKBONE") or DEFAULT_BACKBONE,
+            weights_dir=first("COSOD_WEIGHTS_DIR"),
+            cache_dir=first("COSOD_CACHE_DIR"),
+            group_by=first("COSOD_GROUP_BY") or "auto",
+            max_refs=integer("COSOD_MAX_REFS", 24),
+            max_group_images=integer("COSOD_MAX_GROUP_IMAGES", 64),
+            device=first("COSOD_DEVICE") or "cpu",
+            max_image_bytes=integer("COSOD_MAX_IMAGE_BYTES", DEFAULT_MAX_BYTES),
+            max_image_pixels=integer("COSOD_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS),
+            local_files_root=first("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "LOCAL_FILES_DOCUMENT_ROOT"),
+            task_list_ttl=number("COSOD_TASK_LIST_TTL", 60.0),
+            group_cache_size=integer("COSOD_GROUP_CACHE_SIZE", 64),
+            model_name=first("COSOD_MODEL") or "scosparc",
+            stage1_checkpoint=first("COSOD_STAGE1_CHECKPOINT"),
+            ums_checkpoint=first("COSOD_UMS_CHECKPOINT"),
+        )

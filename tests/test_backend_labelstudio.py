@@ -1,0 +1,191 @@
+"""backend.labelstudio: which image URLs are read, limits before decoding, tokens, task listing."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import jwt
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.errors import ImageFetchError, ImageRefusedError, LabelStudioError, UnknownProjectError
+from backend.labelstudio import LabelStudioClient
+from backend.settings import Settings
+from cosod.errors import ImageReadError
+
+KEY = "0123456789abcdef0123456789abcdef"
+
+
+def png(w: int = 20, h: int = 10, color: tuple[int, int, int] = (200, 10, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def client(fake_ls, **kw) -> LabelStudioClient:
+    base = dict(label_studio_url=fake_ls.url, label_studio_api_key="legacy-token-123")
+    return LabelStudioClient(Settings(**{**base, **kw}))
+
+
+def test_upload_is_read_from_label_studio_with_the_legacy_token(fake_ls) -> None:
+    fake_ls.add_bytes("/data/upload/1/a.png", png(20, 10))
+    c = client(fake_ls)
+    for url in ("/data/upload/1/a.png", "upload/1/a.png", f"{fake_ls.url}/data/upload/1/a.png"):
+        img = c.read_image(url, 7)
+        assert img.shape == (10, 20, 3) and img.dtype == np.uint8 and tuple(img[0, 0]) == (200, 10, 10)
+    assert all(h.get("Authorization") == "Token legacy-token-123" for _, h in fake_ls.seen)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://example.com/a.png",
+        "https://127.0.0.2/data/upload/1/a.png",
+        "file:///etc/passwd",
+        "/etc/passwd",
+        "data:image/png;base64,AAAA",
+        "ftp://x/a.png",
+        "/data/upload/../../secret.png",
+        "relative/a.png",
+    ],
+)
+def test_urls_outside_the_allowed_hosts_are_refused(fake_ls, url: str) -> None:
+    with pytest.raises(ImageRefusedError) as info:
+        client(fake_ls).read_image(url, 1)
+    assert url.split("?")[0][:20] in str(info.value)
+    assert fake_ls.seen == []  # refused before any request
+
+
+def test_other_host_message_names_the_allowed_one(fake_ls) -> None:
+    with pytest.raises(ImageRefusedError, match=f"not allowed.*{fake_ls.url}"):
+        client(fake_ls).read_image("http://evil.example/x.png", 1)
+
+
+def test_oversized_download_is_refused_with_the_limit(fake_ls) -> None:
+    fake_ls.add_bytes("/data/upload/1/big.png", b"x" * 5000)
+    with pytest.raises(ImageRefusedError, match="over the limit of 1000 bytes"):
+        client(fake_ls, max_image_bytes=1000).read_image("/data/upload/1/big.png", 1)
+
+
+def test_oversized_stream_without_length_is_cut(fake_ls) -> None:
+    fake_ls.add_bytes("/data/upload/1/big.png", b"x" * 300_000, headers={"Content-Length": ""})
+    with pytest.raises(ImageRefusedError, match="over the limit of 100000 bytes"):
+        client(fake_ls, max_image_bytes=100_000).read_image("/data/upload/1/big.png", 1)
+
+
+def test_too_many_pixels_are_refused_before_decoding(fake_ls) -> None:
+    fake_ls.add_bytes("/data/upload/1/wide.png", png(40, 30))
+    with pytest.raises(ImageRefusedError, match="1200 pixels is over the limit of 1000"):
+        client(fake_ls, max_image_pixels=1000).read_image("/data/upload/1/wide.png", 1)
+
+
+def test_corrupt_image_raises_image_read_error(fake_ls) -> None:
+    fake_ls.add_bytes("/data/upload/1/bad.png", b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ImageReadError, match="not a readable image"):
+        client(fake_ls).read_image("/data/upload/1/bad.png", 1)
+
+
+def test_http_error_is_a_fetch_error(fake_ls) -> None:
+    with pytest.raises(ImageFetchError, match="HTTP 404"):
+        client(fake_ls).read_image("/data/upload/1/missing.png", 1)
+
+
+def test_redirects_are_not_followed_for_media(fake_ls) -> None:
+    fake_ls.add_bytes("/data/upload/1/r.png", b"", status=302, headers={"Location": "http://example.com/x"})
+    with pytest.raises(ImageRefusedError, match="redirect"):
+        client(fake_ls).read_image("/data/upload/1/r.png", 1)
+
+
+def test_local_files_read_from_the_root_only(fake_ls, tmp_path) -> None:
+    root = tmp_path / "files"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "a.png").write_bytes(png(8, 6))
+    (tmp_path / "secret.png").write_bytes(png(8, 6))
+    c = client(fake_ls, local_files_root=str(root))
+    assert c.read_image("/data/local-files/?d=images/a.png", 1).shape == (6, 8, 3)
+    assert c.read_image("/data/local-files/?d=/images/a.png", 1).shape == (6, 8, 3)
+    for bad in ("/data/local-files/?d=../secret.png", "/data/local-files/?d=images/../../secret.png"):
+        with pytest.raises(ImageRefusedError, match="outside the local-files root"):
+            c.read_image(bad, 1)
+    assert fake_ls.seen == []
+
+
+def test_local_files_without_root_are_downloaded(fake_ls) -> None:
+    fake_ls.add_bytes("/data/local-files/", png(5, 5))
+    assert client(fake_ls).read_image("/data/local-files/?d=images/a.png", 1).shape == (5, 5, 3)
+    assert fake_ls.seen[0][0] == "/data/local-files/?d=images/a.png"
+
+
+def test_cloud_uri_goes_through_the_presign_endpoint(fake_ls) -> None:
+    fake_ls.add_bytes(
+        "/tasks/9/presign/", b"", status=302, headers={"Location": f"{fake_ls.url}/signed/a.png"}
+    )
+    fake_ls.add_bytes("/signed/a.png", png(7, 3))
+    assert client(fake_ls).read_image("s3://bucket/a.png", 9).shape == (3, 7, 3)
+    assert fake_ls.seen[0][0].startswith("/tasks/9/presign/?fileuri=")
+    with pytest.raises(ImageFetchError, match="task id"):
+        client(fake_ls).read_image("s3://bucket/a.png", None)
+
+
+@pytest.mark.filterwarnings("ignore:The `parse_obj` method is deprecated")  # inside label-studio-sdk 2.1.2
+def test_personal_access_token_is_exchanged_and_sent_as_bearer(fake_ls) -> None:
+    exp = int(time.time()) + 3600
+    refresh = jwt.encode({"token_type": "refresh", "exp": exp}, KEY, algorithm="HS256")
+    access = jwt.encode({"token_type": "access", "exp": exp}, KEY, algorithm="HS256")
+    fake_ls.add_json("/api/token/refresh/", {"access": access})
+    fake_ls.add_bytes("/data/upload/1/a.png", png())
+    c = client(fake_ls, label_studio_api_key=refresh)
+    c.read_image("/data/upload/1/a.png", 1)
+    media = [h for p, h in fake_ls.seen if p.startswith("/data/upload")]
+    assert media[0]["Authorization"] == f"Bearer {access}"
+
+
+def test_without_api_key_the_setup_token_is_used(fake_ls) -> None:
+    fake_ls.add_bytes("/data/upload/1/a.png", png())
+    c = LabelStudioClient(Settings(label_studio_url=fake_ls.url))
+    assert not c.configured
+    c.offer_token("from-setup")
+    assert c.configured
+    c.read_image("/data/upload/1/a.png", 1)
+    assert fake_ls.seen[-1][1]["Authorization"] == "Token from-setup"
+
+
+def _tasks_route(tasks):
+    def handler(query, headers):
+        page = int(query.get("page", ["1"])[0])
+        size = int(query.get("page_size", ["100"])[0])
+        chunk = tasks[(page - 1) * size : page * size]
+        if not chunk and page > 1:
+            return 404, {"Content-Type": "application/json"}, b'{"detail": "Invalid page."}'
+        body = {"tasks": chunk, "total": len(tasks), "total_annotations": 0, "total_predictions": 0}
+        return 200, {"Content-Type": "application/json"}, json.dumps(body).encode()
+
+    return handler
+
+
+def test_project_tasks_are_listed_through_the_sdk_and_cached(fake_ls) -> None:
+    tasks = [{"id": i, "data": {"image": f"/data/upload/1/{i}.png", "group": "g"}} for i in range(1, 4)]
+    fake_ls.add_handler("/api/tasks/", _tasks_route(tasks))
+    c = client(fake_ls)
+    got = c.project_tasks(1)
+    assert [(t.id, t.data["group"]) for t in got] == [(1, "g"), (2, "g"), (3, "g")]
+    n = len(fake_ls.seen)
+    assert c.project_tasks(1) == got and len(fake_ls.seen) == n  # cached
+    c.forget_project(1)
+    c.project_tasks(1)
+    assert len(fake_ls.seen) > n
+    assert "project=1" in fake_ls.seen[-1][0]
+
+
+def test_unknown_project_and_unreachable_label_studio(fake_ls) -> None:
+    fake_ls.add_json("/api/tasks/", {"detail": "Not found."}, status=404)
+    with pytest.raises(UnknownProjectError, match="project 99"):
+        client(fake_ls).project_tasks(99)
+    dead = LabelStudioClient(
+        Settings(label_studio_url="http://127.0.0.1:9", label_studio_api_key="t", http_timeout=1.0)
+    )
+    with pytest.raises(LabelStudioError):
+        dead.project_tasks(1)
