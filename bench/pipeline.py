@@ -8,8 +8,12 @@ refinement, CRF, final resize, and the share of the total spent outside the back
 a group of 32: at most 25 %). Then the peak resident memory of a separate process that predicts one group of
 ``--memory-group`` images with ``--memory-backbone`` (target for 64 images with ViT-B/8: under 4 GB).
 
+With ``--models scosparc ums`` the UMS-CoSOD path runs at the same sizes: ViT-S/8 pairs with DINOv2 ViT-S/14
+and ViT-B/8 with DINOv2 ViT-B/14 (both with registers); its "stage1" column is the UMS network.
+
 When a backbone's weights file is absent (no internet here), a file with the same architecture and random
-values is written to a temporary folder: the timings are those of the real network, the masks are not.
+values is written to a temporary folder: the timings are those of the real network, the masks are not. The
+UMS network is likewise untrained (random weights of the real architecture) unless --ums-checkpoint is given.
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ from cosod.data import synthetic_group
 from cosod.pipeline import Pipeline, PipelineConfig
 
 STAGES = ("backbone", "stage1", "refine", "crf", "resize")
+V2_FOR = {
+    "vit_small_patch8_224.dino": "vit_small_patch14_reg4_dinov2.lvd142m",
+    "vit_base_patch8_224.dino": "vit_base_patch14_reg4_dinov2.lvd142m",
+    "tiny": "tiny_dinov2",
+}
 
 
 def weights_for(name: str, scratch: Path) -> tuple[str | None, str]:
@@ -49,6 +58,25 @@ def weights_for(name: str, scratch: Path) -> tuple[str | None, str]:
     return str(scratch), "RANDOM weights of the real architecture (no file in weights/): timing only"
 
 
+def build(model: str, name: str, scratch: Path, ums_checkpoint: str | None) -> tuple[Pipeline, str]:
+    wdir, note = weights_for(name, scratch)
+    if model == "scosparc":
+        return Pipeline.build(PipelineConfig(backbone=name, input_size=224), weights_dir=wdir), note
+    from cosod.backbones import build_backbone
+    from cosod.ums.checkpoint import UMSCheckpoint, save_ums
+    from cosod.ums.net import UMSNet
+
+    v2name = V2_FOR[name]
+    v2dir, v2note = weights_for(v2name, scratch)
+    if ums_checkpoint is None:
+        dims = [build_backbone(n, weights_dir=d).embed_dim for n, d in ((name, wdir), (v2name, v2dir))]
+        ums_checkpoint = str(scratch / f"ums-{name}.pt")
+        save_ums(UMSCheckpoint(UMSNet.build(dim=dims[0], v2_dim=dims[1]), name, v2name, 0.5), ums_checkpoint)
+        note += "; UMS network untrained (timing only)"
+    cfg = PipelineConfig(model="ums", ums_checkpoint=ums_checkpoint, input_size=224)
+    return Pipeline.build(cfg, weights_dir=wdir if wdir == v2dir else scratch), f"{note}; {v2name}: {v2note}"
+
+
 def run_group(pipe: Pipeline, n: int, size: tuple[int, int], seed: int) -> dict[str, float]:
     images, _ = synthetic_group(n, size=size, seed=seed)
     pred = pipe.predict_group(images)
@@ -58,36 +86,38 @@ def run_group(pipe: Pipeline, n: int, size: tuple[int, int], seed: int) -> dict[
 def timing_table(args: argparse.Namespace) -> list[dict[str, object]]:
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        for name in args.backbones:
-            wdir, note = weights_for(name, Path(scratch))
-            pipe = Pipeline.build(PipelineConfig(backbone=name, input_size=224), weights_dir=wdir)
-            print(f"\n{name}: {note}")
-            run_group(pipe, 2, tuple(args.image_size), seed=99)  # warm-up
-            header = f"{'group':>5} " + " ".join(f"{s + ' ms':>12}" for s in STAGES)
-            print(header + f" {'total ms':>10} {'non-backbone':>13}")
-            for n in args.groups:
-                best: dict[str, float] | None = None
-                for r in range(args.repeats):
-                    t = run_group(pipe, n, tuple(args.image_size), seed=r)
-                    if best is None or t["total"] < best["total"]:
-                        best = t
-                assert best is not None
-                per = {k: 1000.0 * v / n for k, v in best.items()}
-                share = 1.0 - best["backbone"] / best["total"]
-                print(
-                    f"{n:>5} "
-                    + " ".join(f"{per.get(s, 0.0):>12.1f}" for s in STAGES)
-                    + f" {per['total']:>10.1f} {100 * share:>12.1f}%"
-                )
-                rows.append(
-                    {
-                        "backbone": name,
-                        "group": n,
-                        "per_image_ms": per,
-                        "non_backbone_share": share,
-                        "weights": note,
-                    }
-                )
+        for model in args.models:
+            for name in args.backbones:
+                pipe, note = build(model, name, Path(scratch), args.ums_checkpoint)
+                print(f"\n{model} / {name}: {note}")
+                run_group(pipe, 2, tuple(args.image_size), seed=99)  # warm-up
+                header = f"{'group':>5} " + " ".join(f"{s + ' ms':>12}" for s in STAGES)
+                print(header + f" {'total ms':>10} {'group s':>8} {'non-backbone':>13}")
+                for n in args.groups:
+                    best: dict[str, float] | None = None
+                    for r in range(args.repeats):
+                        t = run_group(pipe, n, tuple(args.image_size), seed=r)
+                        if best is None or t["total"] < best["total"]:
+                            best = t
+                    assert best is not None
+                    per = {k: 1000.0 * v / n for k, v in best.items()}
+                    share = 1.0 - best["backbone"] / best["total"]
+                    print(
+                        f"{n:>5} "
+                        + " ".join(f"{per.get(s, 0.0):>12.1f}" for s in STAGES)
+                        + f" {per['total']:>10.1f} {best['total']:>8.1f} {100 * share:>12.1f}%"
+                    )
+                    rows.append(
+                        {
+                            "model": model,
+                            "backbone": name,
+                            "group": n,
+                            "per_image_ms": per,
+                            "group_seconds": best["total"],
+                            "non_backbone_share": share,
+                            "weights": note,
+                        }
+                    )
     return rows
 
 
@@ -128,6 +158,8 @@ def main() -> None:
         "--backbones", nargs="+", default=["vit_small_patch8_224.dino", "vit_base_patch8_224.dino"]
     )
     p.add_argument("--groups", nargs="+", type=int, default=[8, 32])
+    p.add_argument("--models", nargs="+", choices=["scosparc", "ums"], default=["scosparc"])
+    p.add_argument("--ums-checkpoint", default=None, help="a trained UMS checkpoint (its backbones are used)")
     p.add_argument("--image-size", nargs=2, type=int, default=[384, 512], metavar=("H", "W"))
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--memory-group", type=int, default=64, help="0 skips the memory run")
