@@ -166,3 +166,84 @@ def polygon_regions(
         }
         for k, pts in enumerate(mask_to_polygons(mask))
     ]
+
+
+def decode_rle(rle: Any) -> np.ndarray:
+    """Decode Label Studio's brush RLE into a flat uint8 array; the same output as
+    ``label_studio_sdk.converter.brush.decode_rle`` (a test compares them), several times faster.
+
+    The stream is read token by token from 64-bit windows of the packed bytes (instead of a Python string of
+    bits); repeat tokens are expanded with ``np.repeat`` and literal tokens are gathered from the unpacked
+    bits at the end. Raises ValueError on a value outside 0..255, a word size over 8 bits or a truncated
+    stream.
+    """
+    try:
+        raw = bytes(rle)
+    except (TypeError, ValueError):
+        raise ValueError(f"an RLE must be a list of ints in 0..255, got {str(rle)[:80]!r}") from None
+    nbits_total = len(raw) * 8
+    if nbits_total < 53:
+        raise ValueError(f"an RLE needs a 53-bit header, got {len(raw)} bytes")
+    data = raw + bytes(8)
+    header = int.from_bytes(data[:8], "big")
+    num = header >> 32
+    word = ((header >> 27) & 31) + 1
+    if word > 8:
+        raise ValueError(f"RLE word size {word} is not supported (uint8 masks use 8)")
+    sizes = [((header >> (23 - 4 * k)) & 15) + 1 for k in range(4)]
+    wmask = (1 << word) - 1
+    full = (1 << 64) - 1
+    run_len: list[int] = []
+    run_val: list[int] = []  # -1 marks a literal token
+    lit_bitpos: list[int] = []
+    lit_count: list[int] = []
+    lit_start: list[int] = []
+    pos, i = 53, 0
+    while i < num:
+        if pos + 3 > nbits_total:
+            raise ValueError(f"truncated RLE: {i} of {num} values decoded")
+        window = (int.from_bytes(data[pos >> 3 : (pos >> 3) + 8], "big") << (pos & 7)) & full
+        cls = (window >> 61) & 3
+        nb = sizes[cls]
+        length = ((window >> (61 - nb)) & ((1 << nb) - 1)) + 1
+        pos += 3 + nb
+        if window >> 63:
+            run_val.append((window >> (61 - nb - word)) & wmask)
+            pos += word
+        else:
+            run_val.append(-1)
+            lit_bitpos.append(pos)
+            lit_count.append(length)
+            lit_start.append(i)
+            pos += word * length
+        run_len.append(length)
+        i += length
+    if pos > nbits_total:
+        raise ValueError(f"truncated RLE: the stream ends inside its last token ({pos} > {nbits_total} bits)")
+    values = np.asarray(run_val, dtype=np.int64)
+    out = np.repeat(np.maximum(values, 0).astype(np.uint8), np.asarray(run_len, dtype=np.int64))[:num]
+    if lit_count:
+        counts = np.asarray(lit_count, dtype=np.int64)
+        first = np.repeat(np.cumsum(counts) - counts, counts)
+        k = np.arange(int(counts.sum()), dtype=np.int64) - first
+        starts = np.repeat(np.asarray(lit_bitpos, dtype=np.int64), counts) + k * word
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8)).astype(np.int64)
+        vals = np.zeros(starts.size, dtype=np.int64)
+        for b in range(word):
+            vals = (vals << 1) | bits[starts + b]
+        idx = np.repeat(np.asarray(lit_start, dtype=np.int64), counts) + k
+        keep = idx < num
+        out[idx[keep]] = vals[keep].astype(np.uint8)
+    return out.astype(np.uint8, copy=False)
+
+
+def rle_to_mask_fast(rle: Any, height: int, width: int) -> np.ndarray:
+    """:func:`decode_rle` -> HxW uint8 (alpha channel of the RGBA layer); ValueError when the element count
+    is not ``4 * height * width``."""
+    flat = decode_rle(rle)
+    if flat.size != 4 * height * width:
+        raise ValueError(
+            f"RLE holds {flat.size} values, expected 4*{height}*{width} = {4 * height * width} "
+            "(original_height/original_width do not match the mask)"
+        )
+    return flat.reshape(height, width, 4)[:, :, 3]
