@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import weights_for
 
-from cosod.backbones import get_spec, weights_path
 from cosod.data import synthetic_group
 from cosod.pipeline import Pipeline, PipelineConfig
 
@@ -41,21 +41,6 @@ V2_FOR = {
     "vit_base_patch8_224.dino": "vit_base_patch14_reg4_dinov2.lvd142m",
     "tiny": "tiny_dinov2",
 }
-
-
-def weights_for(name: str, scratch: Path) -> tuple[str | None, str]:
-    """The weights folder to use and a note on where the weights came from."""
-    spec = get_spec(name)
-    if spec.random_init:
-        return None, "random init (test backbone)"
-    found = weights_path(spec)
-    if found:
-        return str(found.parent), f"pretrained file {found}"
-    import timm
-
-    model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
-    torch.save(model.state_dict(), scratch / (spec.filename or f"{spec.name}.pth"))
-    return str(scratch), "RANDOM weights of the real architecture (no file in weights/): timing only"
 
 
 def build(model: str, name: str, scratch: Path, ums_checkpoint: str | None) -> tuple[Pipeline, str]:

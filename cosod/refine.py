@@ -170,7 +170,7 @@ class CRFParams:
     bilateral_srgb: float = 3.0
     bilateral_compat: float = 10.0
     iterations: int = 10
-    max_side: int = 320
+    max_side: int = 224  # the official CRF works at 224x224; here the long side, aspect kept
 
 
 def working_size(height: int, width: int, max_side: int) -> tuple[int, int]:
