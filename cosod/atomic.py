@@ -1,4 +1,4 @@
-"""Atomic file writes: a temp file in the destination's folder, renamed into place.
+"""Checkpoint file I/O. Atomic writes: a temp file in the destination's folder, renamed into place.
 
 Readers in other processes see the old file or the new one, never a partial one; a crash mid-write leaves
 the old file and no temp file behind (the temp file is removed on any exception).
@@ -35,3 +35,22 @@ def torch_save_atomic(obj: Any, dest: str | os.PathLike[str]) -> Path:
     import torch
 
     return atomic_write(dest, lambda f: torch.save(obj, f))
+
+
+def torch_load_dict(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    """``torch.load`` a dict with ``weights_only=True`` (no code runs); CheckpointError naming ``what`` and
+    the path when the file is missing, unreadable or not a dict."""
+    import torch
+
+    from .errors import CheckpointError
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{what} not found: {p}")
+    try:
+        raw = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {what} {p}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{p} holds a {type(raw).__name__}, not a {what}")
+    return raw

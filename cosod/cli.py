@@ -122,9 +122,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .data import load_groups
-    from .errors import ImageReadError
     from .features import image_hash
-    from .imageio import read_image, write_mask
+    from .imageio import read_images, write_mask
     from .pipeline import Pipeline, PipelineConfig
 
     root = _require_dir(args.groups_dir, "groups folder")
@@ -147,15 +146,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     total = sum(len(g.images) for g in groups)
     with tqdm(total=total, desc="predicting", unit="img", disable=not sys.stderr.isatty()) as bar:
         for group in groups:
-            images, paths = [], []
-            for path in group.images:
-                try:
-                    images.append(read_image(path))
-                    paths.append(path)
-                except ImageReadError as exc:
-                    log.error("skipped: %s", exc)
-                    failed.append(str(path))
-                    bar.update(1)
+            images, paths, bad = read_images(group.images)
+            failed.extend(bad)
+            bar.update(len(bad))
             if not images:
                 continue
             pred = pipe.predict_group(images, hashes=[image_hash(im) for im in images])
@@ -217,9 +210,8 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
 
     from .backbones import build_backbone
     from .data import load_groups
-    from .errors import ImageReadError
     from .features import FeatureCache, encode_images
-    from .imageio import read_image, write_mask
+    from .imageio import read_images, write_mask
     from .pseudo_labels import pseudo_label_masks
 
     root = _require_dir(args.groups_dir, "groups folder")
@@ -233,14 +225,8 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
     total = sum(len(g.images) for g in groups)
     with tqdm(total=total, desc="pseudo-labels", unit="img", disable=not sys.stderr.isatty()) as bar:
         for group in groups:
-            images, paths = [], []
-            for path in group.images:
-                try:
-                    images.append(read_image(path))
-                    paths.append(path)
-                except ImageReadError as exc:
-                    log.error("skipped: %s", exc)
-                    failed.append(str(path))
+            images, paths, bad = read_images(group.images)
+            failed.extend(bad)
             if images:
                 feats = encode_images(backbone, images, cache=cache)
                 masks, labels = pseudo_label_masks(images, feats, crf=not args.no_crf)

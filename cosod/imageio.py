@@ -9,14 +9,18 @@ all come out as ``HxWx3 uint8`` RGB.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageReadError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -89,6 +93,24 @@ def read_image(
     except OSError as exc:
         raise ImageReadError(f"{p}: cannot read ({exc.strerror or exc})") from exc
     return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, name=str(p))
+
+
+def read_images(
+    paths: Sequence[str | os.PathLike[str]], **limits: int
+) -> tuple[list[np.ndarray], list[Path], list[str]]:
+    """Read several files with :func:`read_image`: the images, the paths that were read, and the reasons of
+    those that could not be (each also logged). One bad file never stops the others."""
+    images: list[np.ndarray] = []
+    ok: list[Path] = []
+    failed: list[str] = []
+    for path in paths:
+        try:
+            images.append(read_image(path, **limits))
+            ok.append(Path(path))
+        except ImageReadError as exc:
+            log.warning("skipped: %s", exc)
+            failed.append(str(exc))
+    return images, ok, failed
 
 
 def read_mask(path: str | os.PathLike[str]) -> np.ndarray:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .atomic import torch_save_atomic
+from .atomic import torch_load_dict, torch_save_atomic
 from .errors import CheckpointError
 
 THRESH = 0.65
@@ -256,14 +256,7 @@ def _from_official(sd: dict[str, Any], path: Path) -> Stage1Checkpoint:
 def load_stage1(path: str | os.PathLike[str]) -> Stage1Checkpoint:
     """Read one of our checkpoints or an official SCoSPARC stage-1 state dict."""
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"stage-1 checkpoint not found: {p}")
-    try:
-        raw = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read stage-1 checkpoint {p}: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{p} holds a {type(raw).__name__}, not a checkpoint dict")
+    raw = torch_load_dict(p, "stage-1 checkpoint")
     if raw.get("format") != CHECKPOINT_FORMAT:
         for wrapper in ("state_dict", "model"):
             if isinstance(raw.get(wrapper), dict):

@@ -30,9 +30,8 @@ import torch
 
 from .backbones import DEFAULT_BACKBONE, Backbone, BackboneFeatures, build_backbone
 from .data import Group
-from .errors import ImageReadError
 from .features import FeatureCache, encode_images, image_hash
-from .imageio import read_image
+from .imageio import read_images
 from .scosparc import SEED, Stage1Checkpoint, Stage1Net, save_stage1, stage1_loss
 
 log = logging.getLogger(__name__)
@@ -97,16 +96,8 @@ def encode_groups(
     """Read and encode every image once (into ``cache``). Unreadable images are logged and skipped."""
     out = []
     for group in groups:
-        images, hashes, skipped = [], [], []
-        for path in group.images:
-            try:
-                img = read_image(path)
-            except ImageReadError as exc:
-                log.warning("skipping %s", exc)
-                skipped.append(str(path))
-                continue
-            images.append(img)
-            hashes.append(image_hash(img))
+        images, _, skipped = read_images(group.images)
+        hashes = [image_hash(img) for img in images]
         if images:
             encode_images(backbone, images, cache=cache, hashes=hashes)
         out.append(EncodedGroup(group.name, hashes, skipped))
@@ -273,16 +264,9 @@ def prepare_ums_groups(
     dino, v2 = backbones
     out, skipped = [], []
     for group in groups:
-        images, hashes = [], []
-        for path in group.images:
-            try:
-                img = read_image(path)
-            except ImageReadError as exc:
-                log.warning("skipping %s", exc)
-                skipped.append(str(path))
-                continue
-            images.append(img)
-            hashes.append(image_hash(img))
+        images, _, failed = read_images(group.images)
+        skipped.extend(failed)
+        hashes = [image_hash(img) for img in images]
         if progress:
             progress(len(group.images))
         if len(images) < 2:

@@ -13,10 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .. import __version__
-from ..atomic import torch_save_atomic
+from ..atomic import torch_load_dict, torch_save_atomic
 from ..errors import CheckpointError
 from .net import UMSNet
 
@@ -61,13 +59,8 @@ def save_ums(ckpt: UMSCheckpoint, path: str | os.PathLike[str]) -> Path:
 
 def load_ums(path: str | os.PathLike[str]) -> UMSCheckpoint:
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"UMS checkpoint not found: {p}")
-    try:
-        raw = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read UMS checkpoint {p}: {exc}") from exc
-    if not isinstance(raw, dict) or raw.get("format") != UMS_FORMAT:
+    raw = torch_load_dict(p, "UMS checkpoint")
+    if raw.get("format") != UMS_FORMAT:
         raise CheckpointError(f"{p} is not a UMS checkpoint (written by `cosod train --model ums`)")
     net = UMSNet(**raw["net_config"])
     try:
