@@ -15,7 +15,9 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from . import jobs
 from .errors import BackendError, BadRequestError
+from .jobs_api import blueprint as jobs_blueprint
 from .labelstudio import LabelStudioClient
 from .loader import PipelineFactory, PipelineLoader
 from .metrics import default_metrics
@@ -44,6 +46,17 @@ class RedisProbe:
     def __init__(self, url: str | None):
         self.url = url
         self._client: Any = None
+
+    def workers(self, queue_name: str) -> int | None:
+        """How many RQ workers listen on ``queue_name`` (None when Redis is not configured or down)."""
+        if not self.url or self._client is None:
+            return None
+        try:
+            from rq import Queue, Worker
+
+            return int(Worker.count(queue=Queue(queue_name, connection=self._client)))
+        except Exception:
+            return None
 
     def check(self) -> str | None:
         if not self.url:
@@ -78,6 +91,7 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
     ls = LabelStudioClient(settings)
     model = CoSODModel(settings, loader, ls, metrics)
     redis_probe = RedisProbe(settings.redis_url)
+    jobs.install_context(jobs.JobContext(settings, loader, ls, model))
 
     app = Flask(__name__)
     app.config["JSON_SORT_KEYS"] = False
@@ -90,6 +104,7 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
         "metrics": metrics,
     }
     loader.ensure_started()
+    app.register_blueprint(jobs_blueprint)
 
     @app.before_request
     def _before() -> Response | None:
@@ -160,8 +175,11 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
             "backbone": settings.backbone,
             "device": settings.device,
             "redis": redis_state or "not configured",
+            "queue": "rq" if settings.redis_url else "in-process",
             "label_studio": settings.label_studio_url or "not configured",
         }
+        if redis_state == "ok":
+            body["workers"] = redis_probe.workers(settings.queue_name)
         if loader.state == "ready":
             body["pipeline_version"] = getattr(loader.pipeline, "version_id", None)
             body["load_seconds"] = round(loader.load_seconds or 0.0, 3)

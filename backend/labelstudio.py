@@ -45,6 +45,32 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
+NO_SDK_RETRY: Any = {"max_retries": 0}  # the job functions retry Label Studio calls with their own backoff
+
+
+class LabelStudioUnavailableError(LabelStudioError):
+    """Label Studio could not be reached, or answered 5xx: a transient fault worth retrying."""
+
+
+def _sdk_error(exc: Exception, what: str, base_url: str | None, project_id: int | None = None) -> Exception:
+    """Map an SDK/HTTP exception to UnknownProjectError, LabelStudioUnavailableError or LabelStudioError."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    if isinstance(exc, LabelStudioError):  # already ours (e.g. no URL or key configured)
+        return exc
+    if isinstance(exc, ApiError):
+        code = exc.status_code or 0
+        if code == 404 and project_id is not None:
+            return UnknownProjectError(f"Label Studio has no project {project_id}")
+        if code >= 500 or code in (408, 429):
+            return LabelStudioUnavailableError(f"{what} failed: Label Studio answered HTTP {code}")
+        return LabelStudioError(f"{what} failed: HTTP {code}: {str(exc.body)[:200]}")
+    if isinstance(exc, (requests.RequestException, OSError)) or type(exc).__module__.startswith("httpx"):
+        return LabelStudioUnavailableError(
+            f"{what} failed: Label Studio at {base_url} is unreachable ({exc.__class__.__name__}: {exc})"
+        )
+    return LabelStudioError(f"{what} failed: {exc.__class__.__name__}: {exc}")
+
 
 class LabelStudioClient:
     """One per process. ``api_key`` is ``LABEL_STUDIO_API_KEY`` (legacy token or personal access token);
@@ -106,8 +132,11 @@ class LabelStudioClient:
         return {"Authorization": headers["Authorization"]} if "Authorization" in headers else {}
 
     # -- tasks ----------------------------------------------------------------------------------------
-    def project_tasks(self, project_id: int, *, refresh: bool = False) -> list[TaskRef]:
-        """All tasks of a project (id and data), cached for ``COSOD_TASK_LIST_TTL`` seconds."""
+    def project_tasks(
+        self, project_id: int, *, refresh: bool = False, sdk_retries: int | None = None
+    ) -> list[TaskRef]:
+        """All tasks of a project (id and data), cached for ``COSOD_TASK_LIST_TTL`` seconds.
+        ``sdk_retries=0`` turns off the SDK's own retries (the jobs retry with their own backoff)."""
         now = time.monotonic()
         with self._lock:
             hit = self._tasks.get(project_id)
@@ -117,24 +146,96 @@ class LabelStudioClient:
 
         client = self.sdk()
         try:
-            pager = client.tasks.list(project=project_id, fields="task_only", page_size=500)
+            options = {"max_retries": sdk_retries} if sdk_retries is not None else None
+            pager = client.tasks.list(
+                project=project_id, fields="task_only", page_size=500, request_options=options
+            )
             tasks = [TaskRef(int(t.id), dict(t.data or {})) for t in pager]
         except ApiError as exc:
             if exc.status_code == 404:
                 raise UnknownProjectError(f"Label Studio has no project {project_id}") from None
+            if (exc.status_code or 0) >= 500:
+                raise LabelStudioUnavailableError(
+                    f"listing the tasks of project {project_id} failed: HTTP {exc.status_code}"
+                ) from None
             raise LabelStudioError(
                 f"listing the tasks of project {project_id} failed: HTTP {exc.status_code}"
             ) from None
         except (requests.RequestException, OSError) as exc:
-            raise LabelStudioError(
+            raise LabelStudioUnavailableError(
                 f"cannot reach Label Studio at {self.settings.label_studio_url}: {exc}"
             ) from None
         except Exception as exc:  # httpx errors and the like
-            raise LabelStudioError(f"listing the tasks of project {project_id} failed: {exc}") from None
+            raise _sdk_error(
+                exc, f"listing the tasks of project {project_id}", self.settings.label_studio_url
+            ) from None
         self.list_calls += 1
         with self._lock:
             self._tasks[project_id] = (now, tasks)
         return tasks
+
+    def label_config(self, project_id: int) -> str:
+        """The project's label config XML, from Label Studio (UnknownProjectError when it has none)."""
+        try:
+            project = self.sdk().projects.get(id=project_id, request_options=NO_SDK_RETRY)
+        except Exception as exc:
+            raise _sdk_error(
+                exc, f"reading project {project_id}", self.settings.label_studio_url, project_id
+            ) from None
+        return str(project.label_config or "")
+
+    def predicted_task_ids(self, project_id: int, model_version: str) -> set[int]:
+        """Ids of the project's tasks that have a prediction of ``model_version``."""
+        try:
+            preds = self.sdk().predictions.list(project=project_id, request_options=NO_SDK_RETRY)
+        except Exception as exc:
+            raise _sdk_error(
+                exc, f"listing the predictions of project {project_id}", self.settings.label_studio_url
+            ) from None
+        return {int(p.task) for p in preds if p.model_version == model_version and p.task is not None}
+
+    def task_has_prediction(self, task_id: int, model_version: str) -> bool:
+        """Whether the task has a prediction of ``model_version`` (one small request per task)."""
+        try:
+            preds = self.sdk().predictions.list(task=task_id, request_options=NO_SDK_RETRY)
+        except Exception as exc:
+            raise _sdk_error(
+                exc, f"listing the predictions of task {task_id}", self.settings.label_studio_url
+            ) from None
+        return any(p.model_version == model_version for p in preds)
+
+    def create_prediction(
+        self, task_id: int, result: list[dict[str, Any]], score: float, model_version: str
+    ) -> int:
+        """Store one prediction on a task (``predictions.create``); returns its id."""
+        try:
+            pred = self.sdk().predictions.create(
+                task=task_id,
+                result=result,
+                score=score,
+                model_version=model_version,
+                request_options=NO_SDK_RETRY,
+            )
+        except Exception as exc:
+            raise _sdk_error(
+                exc, f"creating a prediction for task {task_id}", self.settings.label_studio_url
+            ) from None
+        return int(pred.id or 0)
+
+    def ping(self) -> None:
+        """Raise LabelStudioUnavailableError when Label Studio's /health does not answer 200."""
+        url = (self.settings.label_studio_url or "").rstrip("/") + "/health"
+        try:
+            resp = requests.get(url, timeout=5)
+        except requests.RequestException as exc:
+            raise LabelStudioUnavailableError(
+                f"Label Studio at {self.settings.label_studio_url} is unreachable ({exc.__class__.__name__})"
+            ) from None
+        if resp.status_code != 200:
+            raise LabelStudioUnavailableError(
+                f"Label Studio at {self.settings.label_studio_url} answered HTTP {resp.status_code} "
+                "on /health"
+            )
 
     def forget_project(self, project_id: int) -> None:
         with self._lock:
@@ -287,4 +388,4 @@ class LabelStudioClient:
             )
 
 
-__all__ = ["LabelStudioClient", "ImageReadError"]
+__all__ = ["LabelStudioClient", "LabelStudioUnavailableError", "ImageReadError"]

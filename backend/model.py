@@ -176,6 +176,15 @@ class CoSODModel:
         self.metrics.inc("predicted_tasks_total", value=len(items))
         return items, errors
 
+    # -- building blocks shared with the batch jobs (backend/jobs.py) -----------------------------------
+    def compute(self, tasks: list[TaskRef], image_key: str, pipeline: Any) -> dict[int, Outcome]:
+        """Fetch the tasks' images and run one ``predict_group`` on them: task id -> :class:`Outcome`."""
+        return self._compute(tasks, image_key, pipeline)
+
+    def regions(self, config: LabelConfig, task_id: int, out: Outcome) -> list[dict[str, Any]]:
+        """The ``result`` list Label Studio stores for a task's mask (empty when the mask is empty)."""
+        return self._regions(config, task_id, out)
+
     def _regions(self, config: LabelConfig, task_id: int, out: Outcome) -> list[dict[str, Any]]:
         assert out.mask is not None
         regions: list[dict[str, Any]] = []

@@ -21,6 +21,14 @@ Environment variables (primary name, then aliases) -> field, default:
 - COSOD_TASK_LIST_TTL -> task_list_ttl, 60 s (how long a project's task list is cached)
 - COSOD_GROUP_CACHE_SIZE -> group_cache_size, 64 groups
 - LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, LOCAL_FILES_DOCUMENT_ROOT -> local_files_root, none
+- COSOD_QUEUE -> queue_name, cosod (the RQ queue the jobs go to; workers listen on it)
+- COSOD_JOB_TIMEOUT -> job_timeout, 3600 s (one group's pre-annotation job)
+- COSOD_JOB_RESULT_TTL / COSOD_JOB_FAILURE_TTL -> how long finished / failed jobs are kept, 7 / 30 days
+- COSOD_JOB_RETRIES -> job_retries, 2 (re-runs of a job whose worker died or whose transient faults persisted)
+- COSOD_JOB_ATTEMPTS / COSOD_JOB_BACKOFF -> tries of each Label Studio call within a job, 4, with
+  exponential backoff starting at 2 s (2, 4, 8 s)
+- COSOD_WORKER_HEARTBEAT -> worker_heartbeat, 10 s: a worker silent for twice this (plus 1 s) is taken as
+  dead and its job is re-queued
 """
 
 from __future__ import annotations
@@ -74,6 +82,14 @@ class Settings:
     model_name: str = "scosparc"
     stage1_checkpoint: str | None = None
     ums_checkpoint: str | None = None
+    queue_name: str = "cosod"
+    job_timeout: int = 3600
+    job_result_ttl: int = 7 * 24 * 3600
+    job_failure_ttl: int = 30 * 24 * 3600
+    job_retries: int = 2
+    job_attempts: int = 4
+    job_backoff: float = 2.0
+    worker_heartbeat: int = 10
 
     def __post_init__(self) -> None:
         if self.model_name not in MODELS:
@@ -91,9 +107,24 @@ class Settings:
             "max_image_bytes",
             "max_image_pixels",
             "group_cache_size",
+            "job_timeout",
+            "job_result_ttl",
+            "job_failure_ttl",
+            "job_attempts",
+            "worker_heartbeat",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.job_retries < 0:
+            raise ValueError(f"COSOD_JOB_RETRIES must be >= 0, got {self.job_retries!r}")
+        if self.job_backoff < 0:
+            raise ValueError(f"COSOD_JOB_BACKOFF must be >= 0 seconds, got {self.job_backoff!r}")
+        if not self.queue_name or not all(c.isalnum() or c in "-_." for c in self.queue_name):
+            raise ValueError(f"COSOD_QUEUE must be letters, digits, '-', '_' or '.', got {self.queue_name!r}")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"REDIS_URL must start with redis://, rediss:// or unix://, got {self.redis_url!r}"
+            )
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ValueError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
         if self.local_files_root and os.path.abspath(self.local_files_root) == os.path.abspath(os.sep):
@@ -155,4 +186,12 @@ class Settings:
             model_name=first("COSOD_MODEL") or "scosparc",
             stage1_checkpoint=first("COSOD_STAGE1_CHECKPOINT"),
             ums_checkpoint=first("COSOD_UMS_CHECKPOINT"),
+            queue_name=first("COSOD_QUEUE") or "cosod",
+            job_timeout=integer("COSOD_JOB_TIMEOUT", 3600),
+            job_result_ttl=integer("COSOD_JOB_RESULT_TTL", 7 * 24 * 3600),
+            job_failure_ttl=integer("COSOD_JOB_FAILURE_TTL", 30 * 24 * 3600),
+            job_retries=integer("COSOD_JOB_RETRIES", 2),
+            job_attempts=integer("COSOD_JOB_ATTEMPTS", 4),
+            job_backoff=number("COSOD_JOB_BACKOFF", 2.0),
+            worker_heartbeat=integer("COSOD_WORKER_HEARTBEAT", 10),
         )

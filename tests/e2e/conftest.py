@@ -118,10 +118,16 @@ class Server:
     token: str = TOKEN  # the Label Studio admin's legacy API token
 
 
+@dataclass
+class LSTemplate:
+    binary: Path
+    template: Path  # a migrated Label Studio data dir, copied for each server
+    version: str
+
+
 @pytest.fixture(scope="session")
-def label_studio(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
+def ls_template(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> LSTemplate:
+    """The Label Studio executable and a migrated data dir (made once, kept in pytest's cache)."""
     binary = ls_bin()
     if binary is None:
         pytest.skip(
@@ -138,24 +144,38 @@ def label_studio(
         ).stdout.strip()
         or "unknown"
     )
-    base = tmp_path_factory.mktemp("ls")
-    files_root = base / "files"
-    files_root.mkdir()
     template = Path(request.config.cache.mkdir(f"ls-data-{version}"))
     if not (template / ".migrated").exists():  # first run: migrate once, keep the data dir as a template
+        base = tmp_path_factory.mktemp("ls-migrate")
         shutil.rmtree(template, ignore_errors=True)
         template.mkdir(parents=True)
-        proc, _ = start_ls(binary, template, files_root, base / "ls-migrate.log")
+        proc, _ = start_ls(binary, template, base, base / "ls-migrate.log")
         stop(proc)
         (template / ".migrated").write_text(version)
+    return LSTemplate(binary, template, version)
+
+
+@contextmanager
+def run_label_studio(tpl: LSTemplate, base: Path) -> Iterator[Server]:
+    """A Label Studio of its own on a copy of the migrated data dir (``base/ls-data``); stopped on exit."""
+    base.mkdir(parents=True, exist_ok=True)
+    files_root = base / "files"
+    files_root.mkdir(exist_ok=True)
     data_dir = base / "ls-data"
-    shutil.copytree(template, data_dir)
+    if not data_dir.exists():
+        shutil.copytree(tpl.template, data_dir)
     log = base / "ls.log"
-    proc, url = start_ls(binary, data_dir, files_root, log)
+    proc, url = start_ls(tpl.binary, data_dir, files_root, log)
     try:
         yield Server(url, log, proc)
     finally:
         stop(proc)
+
+
+@pytest.fixture(scope="session")
+def label_studio(ls_template: LSTemplate, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with run_label_studio(ls_template, tmp_path_factory.mktemp("ls")) as server:
+        yield server
 
 
 @contextmanager
@@ -235,3 +255,149 @@ def backend(label_studio: Server, tmp_path_factory: pytest.TempPathFactory) -> I
 def start_backend() -> Any:
     """:func:`run_backend`, for tests that need a backend with their own token or settings."""
     return run_backend
+
+
+@contextmanager
+def run_worker(
+    base: Path, env: dict[str, str], *, slow_s: float = 0.0, name: str = "worker"
+) -> Iterator[Any]:
+    """A ``cosod-worker`` subprocess (tiny backbone) with ``env``; ``slow_s`` > 0 sleeps that long in each
+    ``predict_group`` call (to kill or stop things in the middle of a job). Yields the Popen."""
+    base.mkdir(parents=True, exist_ok=True)
+    full = {
+        k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "COSOD_", "BASIC_AUTH_"))
+    }
+    full.update({"COSOD_BACKBONE": "tiny", "LOG_LEVEL": "INFO", "COSOD_WORKER_HEARTBEAT": "1", **env})
+    code = (
+        "import sys, time\n"
+        "import backend.worker as w\n"
+        "from backend.loader import build_pipeline\n"
+        f"DELAY = {slow_s!r}\n"
+        "class Slow:\n"
+        "    def __init__(self, inner): self.inner = inner\n"
+        "    def __getattr__(self, name): return getattr(self.inner, name)\n"
+        "    def predict_group(self, images):\n"
+        "        time.sleep(DELAY)\n"
+        "        return self.inner.predict_group(images)\n"
+        "factory = (lambda s: Slow(build_pipeline(s))) if DELAY > 0 else None\n"
+        "sys.exit(w.main(sys.argv[1:], pipeline_factory=factory))\n"
+    )
+    log = base / f"{name}.log"
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=full,
+            cwd=REPO,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    proc.log = log  # type: ignore[attr-defined]
+    try:
+        yield proc
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="session")
+def start_worker() -> Any:
+    """:func:`run_worker`."""
+    return run_worker
+
+
+@pytest.fixture(scope="session")
+def start_label_studio(ls_template: LSTemplate) -> Any:
+    """``start_label_studio(base)``: a context manager running a Label Studio of the test's own."""
+    return lambda base: run_label_studio(ls_template, base)
+
+
+def ls_api(ls: Server, method: str, path: str, **kw: Any) -> Any:
+    """One Label Studio API call with the admin's legacy token; fails the test on an HTTP error."""
+    headers = {"Authorization": f"Token {ls.token}"}
+    resp = requests.request(method, f"{ls.url}{path}", headers=headers, timeout=120, **kw)
+    assert resp.status_code < 400, f"{method} {path} -> {resp.status_code}: {resp.text[:500]}"
+    return resp.json() if resp.content else None
+
+
+def group_png(group: int, k: int, size: tuple[int, int] = (64, 48)) -> bytes:
+    """A noisy background with the group's common object (a coloured square) at a seeded place."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(7919 * group + k)
+    w, h = size
+    img = (rng.random((h, w, 3)) * 80 + 90).astype(np.uint8)
+    r = min(w, h) // 4
+    cy, cx = int(rng.integers(r, h - r)), int(rng.integers(r, w - r))
+    colour = [(220, 20, 30), (20, 40, 220), (30, 200, 40), (220, 200, 20)][group % 4]
+    img[cy - r : cy + r, cx - r : cx + r] = colour
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def create_grouped_project(
+    ls: Server, groups: dict[str, int], *, title: str = "cosod jobs", size: tuple[int, int] = (64, 48)
+) -> tuple[int, dict[int, str]]:
+    """A project with the grouped brush config and ``groups`` (name -> image count) of uploaded PNGs, each
+    task carrying its ``group`` field. Returns the project id and task id -> group name."""
+    config = (REPO / "label_config" / "brush_grouped.xml").read_text()
+    project = ls_api(ls, "POST", "/api/projects", json={"title": title, "label_config": config})["id"]
+    files, names = {}, {}
+    for g, (name, n) in enumerate(groups.items()):
+        for k in range(n):
+            fname = f"{name}_{k}.png"
+            files[f"f{len(files)}"] = (fname, group_png(g, k, size), "image/png")
+            names[fname] = name
+    items = list(files.items())
+    for start in range(0, len(items), 50):  # Django refuses more than 100 files in one request
+        part = dict(items[start : start + 50])
+        imported = ls_api(ls, "POST", f"/api/projects/{project}/import", files=part)
+        assert imported["task_count"] == len(part), imported
+    tasks = ls_api(ls, "GET", f"/api/tasks?project={project}&page_size=1000")["tasks"]
+    task_group = {}
+    for t in tasks:
+        fname = next(f for f in names if t["data"]["image"].endswith("-" + f))
+        ls_api(ls, "PATCH", f"/api/tasks/{t['id']}", json={"data": {**t["data"], "group": names[fname]}})
+        task_group[t["id"]] = names[fname]
+    return project, task_group
+
+
+def predictions_by_task(ls: Server, project: int) -> dict[int, list[dict[str, Any]]]:
+    out: dict[int, list[dict[str, Any]]] = {}
+    for p in ls_api(ls, "GET", f"/api/predictions?project={project}"):
+        out.setdefault(p["task"], []).append(p)
+    return out
+
+
+@pytest.fixture(scope="session")
+def redis_db() -> Iterator[str]:
+    """``redis://127.0.0.1:6379/13``, flushed before and after the session's use."""
+    import redis
+
+    url = "redis://127.0.0.1:6379/13"
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis on 127.0.0.1:6379 ({exc})")
+    client.flushdb()
+    yield url
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def e2e() -> Any:
+    """The helpers above, for test modules (importing from ``conftest`` is ambiguous with two of them)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        TOKEN=TOKEN,
+        ls_api=ls_api,
+        create_grouped_project=create_grouped_project,
+        predictions_by_task=predictions_by_task,
+        stop=stop,
+        free_port=free_port,
+    )

@@ -1,0 +1,117 @@
+"""The /jobs routes: batch pre-annotation and job status, as a Flask blueprint.
+
+- ``POST /jobs/prelabel {"project": N, "group_by"?: "project" | "field:<name>", "groups"?: [names]}``
+  -> 202 ``{"project", "jobs": [ids], "created": [ids enqueued now], "existing": [ids already there]}``
+- ``GET /jobs/<id>`` -> the job (status, progress, result, error, times); 404 for an unknown id
+- ``GET /jobs?project=N`` -> ``{"jobs": [...]}``
+- ``DELETE /jobs/<id>`` -> cancels it (a queued job is dropped, a running one stops at its next progress step)
+
+Bad input answers 4xx JSON naming the problem; a Redis outage answers 503.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from . import jobs
+from . import queue as jobqueue
+from .errors import BackendError, BadRequestError, UnknownProjectError
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+blueprint = Blueprint("jobs", __name__)
+
+
+class QueueDownError(BackendError):
+    status = 503
+
+
+class JobNotFoundError(BackendError):
+    status = 404
+
+
+def _settings() -> Settings:
+    return current_app.extensions["cosod"]["settings"]
+
+
+def _queue() -> jobqueue.JobQueue:
+    return jobqueue.get_queue(_settings())
+
+
+def _project_id(value: Any, where: str) -> int:
+    if isinstance(value, bool):
+        value = None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if not isinstance(value, int) or value < 1:
+        raise BadRequestError(f"{where} must be a positive integer project id, got {value!r}")
+    return value
+
+
+@blueprint.post("/jobs/prelabel")
+def prelabel() -> tuple[Response, int]:
+    body = request.get_json(force=True, silent=True)
+    if not isinstance(body, dict):
+        raise BadRequestError('the request body must be a JSON object like {"project": 1}')
+    unknown = sorted(set(body) - {"project", "group_by", "groups"})
+    if unknown:
+        raise BadRequestError(f"unknown field(s) {unknown}; allowed: project, group_by, groups")
+    pid = _project_id(body.get("project"), "'project'")
+    group_by = body.get("group_by")
+    if group_by is not None and not isinstance(group_by, str):
+        raise BadRequestError(f"'group_by' must be 'project' or 'field:<name>', got {group_by!r}")
+    groups = body.get("groups")
+    if groups is not None and not isinstance(groups, list):
+        raise BadRequestError(f"'groups' must be a list of group names, got {groups!r}")
+    try:
+        enqueued = jobs.enqueue_prelabel(pid, group_by, groups)
+    except (jobqueue.QueueUnavailableError, jobs.TransientJobError) as exc:
+        raise QueueDownError(str(exc)) from None
+    except UnknownProjectError as exc:
+        raise UnknownProjectError(f"unknown project {pid}: {exc}") from None
+    except ValueError as exc:
+        raise BadRequestError(str(exc)) from None
+    return jsonify(
+        project=pid,
+        jobs=[e.job_id for e in enqueued],
+        created=[e.job_id for e in enqueued if e.created],
+        existing=[e.job_id for e in enqueued if not e.created],
+        queue=_queue().kind,
+    ), 202
+
+
+@blueprint.get("/jobs/<job_id>")
+def get_job(job_id: str) -> Response:
+    try:
+        info = _queue().fetch(job_id)
+    except jobqueue.QueueUnavailableError as exc:
+        raise QueueDownError(str(exc)) from None
+    if info is None:
+        raise JobNotFoundError(f"no job {job_id!r} (unknown, or expired after its TTL)")
+    return jsonify(info.to_dict())
+
+
+@blueprint.get("/jobs")
+def list_jobs() -> Response:
+    raw = request.args.get("project")
+    pid = _project_id(raw, "'project'") if raw is not None else None
+    try:
+        found = _queue().list(pid)
+    except jobqueue.QueueUnavailableError as exc:
+        raise QueueDownError(str(exc)) from None
+    return jsonify(jobs=[j.to_dict() for j in found])
+
+
+@blueprint.delete("/jobs/<job_id>")
+def cancel_job(job_id: str) -> Response:
+    try:
+        info = _queue().cancel(job_id)
+    except jobqueue.QueueUnavailableError as exc:
+        raise QueueDownError(str(exc)) from None
+    if info is None:
+        raise JobNotFoundError(f"no job {job_id!r} (unknown, or expired after its TTL)")
+    return jsonify(info.to_dict())

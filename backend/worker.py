@@ -1,0 +1,154 @@
+"""``cosod-worker``: an RQ worker for the ``cosod`` queue that loads the pipeline once per process.
+
+Run one per GPU: ``CUDA_VISIBLE_DEVICES=0 COSOD_DEVICE=cuda REDIS_URL=redis://... cosod-worker``. The
+process sees only the GPUs ``CUDA_VISIBLE_DEVICES`` names (torch honours it), so ``cuda`` is that GPU.
+
+**No fork.** The worker class is a subclass of RQ's ``SimpleWorker``: jobs run in the worker process itself,
+never in a forked child. The pipeline (and CUDA, with ``COSOD_DEVICE=cuda``) is loaded once at start, before
+the first job, and is reused by every job; no CUDA context ever crosses a ``fork()``, and RQ's scheduler
+(which forks) is not started.
+
+**Dead workers.** ``SimpleWorker`` alone would take ``job timeout + 60 s`` to notice a killed worker. This one
+sends a heartbeat every ``COSOD_WORKER_HEARTBEAT`` s while a job runs (the job's entry in the started
+registry expires ``2 * COSOD_WORKER_HEARTBEAT + 1`` s after the last one), and every worker runs a reaper that
+moves expired entries back to the queue (or to failed when the job has no retries left); a Redis lock lets
+only one worker reap at a time. Several workers share ``COSOD_CACHE_DIR``: the feature cache writes with
+atomic renames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import threading
+import uuid
+from typing import Any
+
+from .jobs import JobContext, install_context
+from .loader import PipelineFactory
+from .queue import redis_connection
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+REAPER_LOCK = "cosod:reaper:{}"
+
+
+def worker_class(heartbeat: int) -> type:
+    """A ``SimpleWorker`` that heartbeats while a job runs, so a killed worker's job is re-queued soon."""
+    from rq.worker import SimpleWorker, WorkerStatus
+
+    class CosodWorker(SimpleWorker):  # type: ignore[misc, valid-type]
+        heartbeat_interval = heartbeat
+
+        def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
+            return 2 * int(self.heartbeat_interval) + 1
+
+        def execute_job(self, job: Any, queue: Any) -> None:
+            execution = self.prepare_execution(job)
+            stop = threading.Event()
+
+            def beat() -> None:
+                while not stop.wait(self.heartbeat_interval):
+                    try:
+                        self.maintain_heartbeats(job, execution)
+                    except Exception as exc:  # Redis briefly away: the next beat tries again
+                        log.warning("heartbeat for job %s failed: %s", job.id, exc)
+
+            thread = threading.Thread(target=beat, name="cosod-heartbeat", daemon=True)
+            thread.start()
+            try:
+                self.perform_job(job, queue, execution)
+            finally:
+                stop.set()
+                thread.join(5)
+            self.set_state(WorkerStatus.IDLE)
+
+    return CosodWorker
+
+
+def reap_abandoned(connection: Any, queue_name: str, interval: int) -> bool:
+    """Re-queue (or fail) jobs of workers that stopped heartbeating; True when this process held the lock."""
+    from rq import Queue
+    from rq.registry import StartedJobRegistry
+
+    if not connection.set(REAPER_LOCK.format(queue_name), os.getpid(), nx=True, ex=max(1, interval)):
+        return False
+    StartedJobRegistry(queue=Queue(queue_name, connection=connection)).cleanup()
+    return True
+
+
+def _reaper(connection: Any, queue_name: str, interval: int, stop: threading.Event) -> None:
+    while not stop.wait(interval):
+        try:
+            reap_abandoned(connection, queue_name, interval)
+        except Exception as exc:
+            log.warning("reaping abandoned jobs failed (retrying in %d s): %s", interval, exc)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cosod-worker", description=__doc__.split("\n\n")[0])
+    p.add_argument("--queue", help="queue to serve (default: COSOD_QUEUE or 'cosod')")
+    p.add_argument("--name", help="worker name (default: <host>.<pid>.<random>)")
+    p.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    return p
+
+
+def main(argv: list[str] | None = None, pipeline_factory: PipelineFactory | None = None) -> int:
+    """Load the pipeline, then serve the queue. ``pipeline_factory`` replaces ``Pipeline.build`` (tests)."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        print(f"cosod-worker: {exc}", file=sys.stderr)
+        return 2
+    if not settings.redis_url:
+        print("cosod-worker: REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
+    )
+    queue_name = args.queue or settings.queue_name
+    conn = redis_connection(settings.redis_url)
+    try:
+        conn.ping()
+    except Exception as exc:
+        print(f"cosod-worker: Redis at {settings.redis_url} is unreachable: {exc}", file=sys.stderr)
+        return 2
+
+    log.info(
+        "cosod-worker: backbone %s on %s (CUDA_VISIBLE_DEVICES=%s), queue %s",
+        settings.backbone,
+        settings.device,
+        os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"),
+        queue_name,
+    )
+    ctx = JobContext.from_settings(settings, pipeline_factory)
+    install_context(ctx)
+    if not ctx.loader.wait(timeout=1800.0):
+        print(f"cosod-worker: the pipeline could not be loaded: {ctx.loader.error}", file=sys.stderr)
+        return 1
+    log.info("pipeline loaded in %.2f s", ctx.loader.load_seconds or 0.0)
+
+    from rq import Queue
+
+    name = args.name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+    cls = worker_class(settings.worker_heartbeat)
+    worker = cls([Queue(queue_name, connection=conn)], connection=conn, name=name)
+    stop = threading.Event()
+    reaper = threading.Thread(
+        target=_reaper, args=(conn, queue_name, settings.worker_heartbeat, stop), daemon=True
+    )
+    reaper.start()
+    try:
+        worker.work(burst=args.burst, logging_level=settings.log_level, with_scheduler=False)
+    finally:
+        stop.set()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The RQ queue against the real Redis on 127.0.0.1 (database 13, flushed) and real ``cosod-worker``
+subprocesses (tiny backbone): progress, dedup, retries, give-up, cancel, and a worker killed mid-job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backend import queue as jobqueue
+from backend.queue import QueueUnavailableError, RQQueue
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+URL = "redis://127.0.0.1:6379/13"
+QUEUE = "cosod-test"
+TTL = {"timeout": 60, "result_ttl": 300, "failure_ttl": 300}
+
+
+def _redis() -> Any:
+    import redis
+
+    return redis.Redis.from_url(URL)
+
+
+def count_to(n: int) -> int:
+    for i in range(n + 1):
+        jobqueue.report_progress(i, n)
+    return n
+
+
+def flaky(key: str, failures: int) -> str:
+    if _redis().incr(key) <= failures:
+        raise ConnectionError("Label Studio is away")
+    return "ok"
+
+
+def hopeless(key: str) -> None:
+    _redis().incr(key)
+    jobqueue.give_up("no brush control in the label config")
+    raise RuntimeError("permanent")
+
+
+def sleepy(key: str, seconds: float) -> int:
+    """The first run stalls (so it can be killed); later runs finish at once. Returns the run count."""
+    runs = int(_redis().incr(key))
+    deadline = time.monotonic() + (seconds if runs == 1 else 0)
+    jobqueue.report_progress(0, 2)
+    while time.monotonic() < deadline:
+        jobqueue.report_progress(1, 2)
+        time.sleep(0.05)
+    jobqueue.report_progress(2, 2)
+    return runs
+
+
+@pytest.fixture
+def q() -> Iterator[RQQueue]:
+    try:
+        _redis().ping()
+    except Exception as exc:
+        pytest.skip(f"no Redis on 127.0.0.1:6379 ({exc})")
+    _redis().flushdb()
+    yield RQQueue(URL, QUEUE)
+    _redis().flushdb()
+
+
+@contextmanager
+def worker(tmp_path: Path, name: str) -> Iterator[subprocess.Popen]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COSOD_", "LABEL_STUDIO_"))}
+    env.update(
+        {
+            "REDIS_URL": URL,
+            "COSOD_QUEUE": QUEUE,
+            "COSOD_BACKBONE": "tiny",
+            "COSOD_WORKER_HEARTBEAT": "1",
+            "MODEL_DIR": str(tmp_path / "model"),
+            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]),
+        }
+    )
+    log = tmp_path / f"{name}.log"
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backend.worker", "--name", name],
+            env=env,
+            cwd=REPO,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def wait_for(q: RQQueue, job_id: str, statuses: tuple[str, ...], timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = q.fetch(job_id)
+        if info is not None and info.status in statuses:
+            return info
+        time.sleep(0.05)
+    raise AssertionError(f"{job_id} did not reach {statuses}: {q.fetch(job_id)}")
+
+
+def test_jobs_run_on_a_worker_with_progress_and_dedup(q: RQQueue, tmp_path: Path) -> None:
+    assert q.enqueue(count_to, 4, job_id="count-1", meta={"project": 7}, description="count", **TTL).created
+    assert q.fetch("count-1").status == "queued"
+    with worker(tmp_path, "w1"):
+        info = wait_for(q, "count-1", ("finished",))
+    assert info.result == 4 and info.progress == {"done": 4, "total": 4} and info.project == 7
+    assert info.enqueued_at and info.started_at and info.ended_at and info.error is None
+    assert not q.enqueue(count_to, 4, job_id="count-1", **TTL).created  # finished: not again
+    assert [j.id for j in q.list(project=7)] == ["count-1"] and q.list(project=8) == []
+    assert q.fetch("nope") is None and q.cancel("nope") is None
+
+
+def test_retries_then_give_up_and_cancel(q: RQQueue, tmp_path: Path) -> None:
+    q.enqueue(flaky, "flaky", 1, job_id="flaky", retries=2, **TTL)
+    q.enqueue(flaky, "doomed", 9, job_id="doomed", retries=1, **TTL)
+    q.enqueue(hopeless, "hopeless", job_id="hopeless", retries=3, **TTL)
+    q.enqueue(count_to, 1, job_id="dropped", **TTL)
+    assert q.cancel("dropped").status == "canceled"
+    with worker(tmp_path, "w1"):
+        ok = wait_for(q, "flaky", ("finished",))
+        doomed = wait_for(q, "doomed", ("failed",))
+        hopeless_info = wait_for(q, "hopeless", ("failed",))
+    assert ok.result == "ok" and int(_redis().get("flaky")) == 2
+    assert int(_redis().get("doomed")) == 2 and "ConnectionError: Label Studio is away" in doomed.error
+    assert int(_redis().get("hopeless")) == 1
+    assert hopeless_info.error == "no brush control in the label config"
+    assert q.fetch("dropped").status == "canceled"
+    assert q.enqueue(count_to, 1, job_id="dropped", **TTL).created  # a canceled id may be asked again
+
+
+def test_cancel_a_running_job(q: RQQueue, tmp_path: Path) -> None:
+    q.enqueue(sleepy, "runs", 30.0, job_id="long", retries=2, **TTL)
+    with worker(tmp_path, "w1"):
+        wait_for(q, "long", ("started",))
+        q.cancel("long")
+        info = wait_for(q, "long", ("canceled",), timeout=20)
+    assert info.error == "canceled by request" and int(_redis().get("runs")) == 1
+
+
+def test_a_killed_workers_job_is_run_again_by_another(q: RQQueue, tmp_path: Path) -> None:
+    q.enqueue(sleepy, "runs", 120.0, job_id="stall", retries=2, **TTL)
+    with worker(tmp_path, "doomed") as first:
+        info = wait_for(q, "stall", ("started",))
+        while (info.progress or {}).get("done", 0) < 1:
+            info = wait_for(q, "stall", ("started",))
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+    t0 = time.monotonic()
+    with worker(tmp_path, "rescuer"):
+        info = wait_for(q, "stall", ("finished",), timeout=60)
+    assert info.result == 2 and info.progress == {"done": 2, "total": 2} and info.retries_left == 1
+    assert time.monotonic() - t0 < 45
+
+
+def test_unreachable_redis_is_named() -> None:
+    dead = RQQueue("redis://127.0.0.1:1/0", QUEUE)
+    with pytest.raises(QueueUnavailableError, match="127.0.0.1:1"):
+        dead.fetch("x")
+    with pytest.raises(QueueUnavailableError, match="unreachable"):
+        dead.enqueue(count_to, 1, job_id="x", **TTL)
