@@ -241,12 +241,26 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
             body = request.get_json(force=True, silent=True)
             raw = body.get("project") if isinstance(body, dict) else None
         pid = parse_project_id(raw) if raw is not None else None
-        found = model.versions(pid)
-        return jsonify(versions=found, model_version=found[0] if len(found) == 1 else None)
+        projects = model.versions(pid)
+        names = [p["active"] for p in projects]
+        for p in projects:
+            names += [r["version"] for r in p["versions"] if r["version"] not in names]
+        return jsonify(
+            versions=names,
+            model_version=projects[0]["active"] if len(projects) == 1 else None,
+            projects=projects,
+        )
 
     @app.get("/metrics")
     def metrics_route() -> Response:
         metrics.set("backbone_ready", 1.0 if loader.state == "ready" else 0.0)
+        for p in model.versions():
+            for rec in p["versions"]:
+                labels = {"project": str(p["project"]), "version": rec["version"]}
+                metrics.set("version_active", 1.0 if rec["version"] == p["active"] else 0.0, labels)
+                for name, value in (rec.get("scores") or {}).items():
+                    if isinstance(value, int | float):
+                        metrics.set("version_heldout_score", float(value), {**labels, "metric": name})
         return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
 
     return app

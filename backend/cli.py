@@ -89,13 +89,52 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--project", type=int)
     cancel = sub.add_parser("cancel", help="cancel a job")
     cancel.add_argument("job_id")
+    ver = sub.add_parser("versions", help="a project's model versions with their held-out scores (MODEL_DIR)")
+    ver.add_argument("--project", type=int, required=True)
+    pro = sub.add_parser("promote", help="make a version the active one: roll back or forward (MODEL_DIR)")
+    pro.add_argument("--project", type=int, required=True)
+    pro.add_argument("--version", required=True)
     return p
+
+
+def _registry(settings: Settings) -> Any:
+    from .registry import Registry
+    from .store import Store
+
+    return Registry(Store(settings.model_dir))
+
+
+def _versions(settings: Settings, project: int) -> int:
+    registry = _registry(settings)
+    records = registry.list_versions(project)
+    if not records:
+        print(f"project {project}: no fine-tuned version yet in {settings.model_dir} (the base model serves)")
+        return 0
+    active = registry.active_name(project)
+    metrics = ("iou", "max_f", "mae", "hce")
+    print(
+        f"  {'version':26s} {'status':10s} {'parent':28s} "
+        + " ".join(f"{m:>7s}" for m in metrics)
+        + "  decision"
+    )
+    for r in records:
+        scores = [(r.scores or {}).get(m) for m in metrics]
+        shown = " ".join(f"{v:7.3f}" if isinstance(v, int | float) else f"{'-':>7s}" for v in scores)
+        mark = "*" if r.version == active else " "
+        print(f"{mark} {r.version:26s} {r.status:10s} {str(r.parent or '-'):28s} {shown}  {r.decision}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = Settings.from_env()
+        if args.command == "versions":
+            return _versions(settings, args.project)
+        if args.command == "promote":
+            rec = _registry(settings).promote(args.project, args.version)
+            print(f"project {args.project}: {rec.version} is now the active version")
+            return 0
         auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth else None
         api = Api(args.backend, auth)  # type: ignore[arg-type]
         if args.command == "prelabel":

@@ -139,8 +139,8 @@ def enqueue_prelabel(
     ctx = context()
     project = _project(ctx, project_id, attempts=1)  # an HTTP request is waiting: fail fast
     rule = effective_rule(parse_group_by(group_by) if group_by is not None else project.group_by)
-    pipeline = ctx.loader.require(timeout=60.0, model=project.model)
-    version = ctx.model.model_version(project_id, pipeline)
+    ctx.loader.require(timeout=60.0, model=project.model)
+    version = ctx.model.serving(project)[1]
     tasks = _retrying(
         ctx,
         f"listing the tasks of project {project_id}",
@@ -210,12 +210,13 @@ def prelabel_group(project_id: int, key: GroupKey, model_version: str) -> dict[s
 def _prelabel_group(ctx: JobContext, project_id: int, key: GroupKey, model_version: str) -> dict[str, Any]:
     t_start = time.perf_counter()
     project = _project(ctx, project_id)
-    pipeline = ctx.loader.require(timeout=600.0, model=project.model)
-    version = ctx.model.model_version(project_id, pipeline)
+    ctx.loader.require(timeout=600.0, model=project.model)
+    pipeline, version = ctx.model.serving(project)
     if version != model_version:
         raise PermanentJobError(
             f"this worker's model version is {version}, the job's is {model_version}: the API and the "
-            "workers must share COSOD_MODEL, COSOD_BACKBONE, the weights and the checkpoints"
+            "workers must share COSOD_MODEL, COSOD_BACKBONE, the weights, the checkpoints and MODEL_DIR "
+            "(or a newer version was promoted since; ask again)"
         )
     ls, s = ctx.ls, ctx.settings
     tasks = _retrying(
@@ -328,3 +329,81 @@ class _Timed:
             return self.inner.predict_group(images)
         finally:
             self.seconds += time.perf_counter() - t0
+
+
+# -- learning from corrections -------------------------------------------------------------------------
+
+
+def finetune_job_id(project_id: int) -> str:
+    return f"finetune-p{project_id}"
+
+
+def enqueue_finetune(settings: Settings, project_id: int) -> str:
+    """Enqueue the project's fine-tune unless one is already queued or running (one id per project, not
+    kept once finished, so the next batch of corrections can start the next one). Returns the job id."""
+    q = jobqueue.get_queue(settings)
+    enq = q.enqueue(
+        finetune,
+        project_id,
+        job_id=finetune_job_id(project_id),
+        timeout=settings.finetune_timeout,
+        result_ttl=settings.job_result_ttl,
+        failure_ttl=settings.job_failure_ttl,
+        retries=0,
+        meta={"project": project_id, "kind": "finetune"},
+        description=f"fine-tune project {project_id} on its corrections",
+        keep_finished=False,
+    )
+    log.info(
+        "project %s: fine-tune %s (%s)", project_id, enq.job_id, "new" if enq.created else "already queued"
+    )
+    return enq.job_id
+
+
+def finetune(project_id: int) -> dict[str, Any]:
+    """Fine-tune the project's active version on its corrections, score it against the active one on the
+    held-out corrections, and promote it only if it is better (``backend.registry.run_finetune``)."""
+    from cosod.finetune import FinetuneConfig
+
+    from .registry import run_finetune
+
+    ctx = context()
+    s = ctx.settings
+    project = _project(ctx, project_id)
+    base = ctx.loader.require(timeout=600.0, model=project.model)
+    base_version = ctx.model.model_version(project_id, base)
+
+    def progress(stage: str, info: dict[str, Any]) -> None:
+        jobqueue.set_meta(stage=stage, **{k: v for k, v in info.items() if isinstance(v, int | float | str)})
+
+    try:
+        result = run_finetune(
+            project_id,
+            store=ctx.model.store,
+            registry=ctx.model.registry,
+            base_pipeline=base,
+            base_version=base_version,
+            read_image=lambda url, task_id: _retrying(
+                ctx, f"reading the image of task {task_id}", lambda: ctx.ls.read_image(url, task_id)
+            ),
+            list_group_tasks=lambda pid: _retrying(
+                ctx, f"listing the tasks of project {pid}", lambda: ctx.ls.project_tasks(pid, refresh=True)
+            ),
+            group_by=project.group_by,
+            image_key=project.config.image_key,
+            config=FinetuneConfig(
+                steps=s.finetune_steps, lr=s.finetune_lr, heldout_fraction=s.heldout_fraction
+            ),
+            promote_metric=s.promote_metric,
+            promote_margin=s.promote_margin,
+            min_corrections=s.finetune_min_corrections,
+            progress=progress,
+        )
+    except (jobqueue.JobCanceledError, jobqueue.JobTimeoutError, TransientJobError):
+        raise
+    except (BackendError, ValueError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        jobqueue.give_up(reason)
+        raise PermanentJobError(reason) from None
+    log.info("project %s: fine-tune %s", project_id, result.get("status"))
+    return result

@@ -29,6 +29,7 @@ import numpy as np
 from cosod.errors import ImageReadError
 
 from . import brush
+from .corrections import handle_event
 from .errors import BackendError, BadRequestError, ImageFetchError, ImageRefusedError, UnknownProjectError
 from .grouping import GroupKey, TaskRef, choose_subset, group_digest, group_key, members
 from .labelconfig import LabelConfig
@@ -36,9 +37,19 @@ from .labelstudio import LabelStudioClient
 from .loader import PipelineLoader
 from .metrics import Metrics
 from .projects import Project, ProjectRegistry
+from .registry import Registry
 from .settings import Settings
+from .store import Store
 
 log = logging.getLogger(__name__)
+
+CORRECTION_EVENTS = (
+    "ANNOTATION_CREATED",
+    "ANNOTATION_UPDATED",
+    "ANNOTATION_DELETED",
+    "ANNOTATIONS_DELETED",
+    "START_TRAINING",
+)
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,8 @@ class CoSODModel:
         self.metrics = metrics
         self.cache = GroupCache(settings.group_cache_size)
         self.projects = ProjectRegistry(settings)
+        self.store = Store(settings.model_dir)
+        self.registry = Registry(self.store)
         self._compute_lock = threading.Lock()
 
     # -- projects and versions ------------------------------------------------------------------------
@@ -99,6 +112,12 @@ class CoSODModel:
     def project(self, project_id: int, label_config: str | None = None, extra_params: Any = None) -> Project:
         return self.projects.get(project_id, label_config, extra_params)
 
+    def serving(self, project: Project, timeout: float = 0.0) -> tuple[Any, str]:
+        """``(pipeline, model_version)`` a project predicts with: its active fine-tuned version (registry,
+        read from SQLite, so every process follows a promotion) or the base model of its ``model``."""
+        base = self.loader.require(timeout=timeout, model=project.model)
+        return self.registry.serving(project.id, base, self.model_version(project.id, base))
+
     def setup(
         self, project_id: int, schema: str | None, extra_params: Any = None, access_token: str | None = None
     ) -> str:
@@ -106,25 +125,31 @@ class CoSODModel:
         it waits at most 2 s for the background load, then answers NotReadyError."""
         project = self.project(project_id, schema, extra_params if extra_params is not None else {})
         self.ls.offer_token(access_token)
-        pipeline = self.loader.require(timeout=2.0, model=project.model)
-        return self.model_version(project_id, pipeline)
+        return self.serving(project, timeout=2.0)[1]
 
-    def versions(self, project_id: int | None = None) -> list[str]:
+    def versions(self, project_id: int | None = None) -> list[dict[str, Any]]:
+        """Per known project: the serving version and every version's record (scores, parent, status)."""
         ids = self.projects.ids() if project_id is None else [project_id]
         out = []
         for i in ids:
             try:
-                model = self.project(i).model
+                project = self.project(i)
             except BackendError:
                 continue
-            pipeline = self.loader.ready(model)
-            if pipeline is not None:
-                out.append(self.model_version(i, pipeline))
+            base = self.loader.ready(project.model)
+            if base is None:
+                continue
+            base_version = self.model_version(i, base)
+            _, active = self.registry.serving(i, base, base_version)
+            records = [r.as_dict() for r in self.registry.list_versions(i)]
+            out.append({"project": i, "active": active, "base": base_version, "versions": records})
         return out
 
     # -- fit (webhook) --------------------------------------------------------------------------------
     def fit(self, event: str, data: Mapping[str, Any]) -> dict[str, Any]:
-        """Record a Label Studio event. Cheap on purpose (the webhook has 1 s); storage comes later."""
+        """Store the correction an annotation event carries (SQLite, committed before returning) and, when
+        the project has ``COSOD_TRAIN_EVERY`` new corrections or on START_TRAINING, enqueue its fine-tune
+        (one job id per project: never two at a time). Cheap on purpose: the webhook has 1 s."""
         project = data.get("project") if isinstance(data, Mapping) else None
         pid = project.get("id") if isinstance(project, Mapping) else None
         task = data.get("task") if isinstance(data, Mapping) else None
@@ -132,8 +157,37 @@ class CoSODModel:
         if event.startswith("TASKS_") or event in ("PROJECT_UPDATED",):
             if isinstance(pid, int):
                 self.ls.forget_project(pid)  # the group membership may have changed
-        log.info("webhook %s project=%s task=%s", event, pid, tid)
-        return {"action": event, "project": pid, "task": tid}
+        info: dict[str, Any] = {"action": event, "project": pid, "task": tid}
+        if event not in CORRECTION_EVENTS:
+            log.info("webhook %s project=%s task=%s", event, pid, tid)
+            return info
+        known = self._known_project(pid)
+        try:
+            out = handle_event(
+                self.store,
+                event,
+                data,
+                group_by=known.group_by if known else self.settings.group_by,
+                image_key=known.config.image_key if known else None,
+                train_every=self.settings.train_every,
+            )
+        except ValueError as exc:
+            raise BadRequestError(f"{event}: {exc}") from None
+        info.update(stored=out.get("stored"), pending=out.get("pending"), reason=out.get("reason"))
+        if out.get("enqueue") and isinstance(pid, int):
+            from .jobs import enqueue_finetune  # jobs imports this module
+
+            info["finetune_job"] = enqueue_finetune(self.settings, pid)
+        log.info("webhook %s project=%s task=%s: %s", event, pid, tid, info)
+        return info
+
+    def _known_project(self, pid: Any) -> Project | None:
+        if not isinstance(pid, int):
+            return None
+        try:
+            return self.project(pid)
+        except BackendError:
+            return None
 
     # -- predict --------------------------------------------------------------------------------------
     def predict(
@@ -145,8 +199,7 @@ class CoSODModel:
         refused or cannot be fetched gets an item without ``result`` (Label Studio stores nothing for it
         and logs the item), so that it is predicted again once the cause is fixed.
         """
-        pipeline = self.loader.require(model=project.model)
-        version = self.model_version(project.id, pipeline)
+        pipeline, version = self.serving(project)
         refs = [_task_ref(t, i) for i, t in enumerate(tasks)]
         by_group: dict[GroupKey, list[TaskRef]] = {}
         for ref in refs:

@@ -29,6 +29,14 @@ Environment variables (primary name, then aliases) -> field, default:
   exponential backoff starting at 2 s (2, 4, 8 s)
 - COSOD_WORKER_HEARTBEAT -> worker_heartbeat, 10 s: a worker silent for twice this (plus 1 s) is taken as
   dead and its job is re-queued
+- COSOD_TRAIN_EVERY -> train_every, 10: new corrections in a project before a fine-tune is enqueued
+- COSOD_PROMOTE_METRIC / COSOD_PROMOTE_MARGIN -> promote_metric, iou / promote_margin, 0.005: a candidate
+  replaces the active version only if it beats it on the held-out corrections by more than the margin
+  (for mae and hce lower is better)
+- COSOD_FINETUNE_STEPS / COSOD_FINETUNE_LR -> 300 optimiser steps at 1e-3
+- COSOD_HELDOUT_FRACTION -> heldout_fraction, 0.2 of the corrected images (chosen by image hash)
+- COSOD_FINETUNE_MIN_CORRECTIONS -> 3: below this a fine-tune is skipped
+- COSOD_FINETUNE_TIMEOUT -> finetune_timeout, 7200 s
 """
 
 from __future__ import annotations
@@ -42,7 +50,17 @@ from cosod.imageio import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 DEFAULT_BACKBONE = "vit_small_patch8_224.dino"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-MODELS = ("scosparc", "ums")  # cosod.pipeline.MODELS, without importing torch here
+MODELS = ("scosparc", "ums")
+PROMOTE_METRICS = (
+    "iou",
+    "max_f",
+    "mean_f",
+    "max_e",
+    "mean_e",
+    "s_measure",
+    "mae",
+    "hce",
+)  # cosod.pipeline.MODELS, without importing torch here
 
 
 def parse_group_by(value: str) -> str:
@@ -90,6 +108,14 @@ class Settings:
     job_attempts: int = 4
     job_backoff: float = 2.0
     worker_heartbeat: int = 10
+    train_every: int = 10
+    promote_metric: str = "iou"
+    promote_margin: float = 0.005
+    finetune_steps: int = 300
+    finetune_lr: float = 1e-3
+    heldout_fraction: float = 0.2
+    finetune_min_corrections: int = 3
+    finetune_timeout: int = 7200
 
     def __post_init__(self) -> None:
         if self.model_name not in MODELS:
@@ -112,9 +138,21 @@ class Settings:
             "job_failure_ttl",
             "job_attempts",
             "worker_heartbeat",
+            "train_every",
+            "finetune_steps",
+            "finetune_min_corrections",
+            "finetune_timeout",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.promote_metric not in PROMOTE_METRICS:
+            raise ValueError(
+                f"COSOD_PROMOTE_METRIC must be one of {PROMOTE_METRICS}, got {self.promote_metric!r}"
+            )
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ValueError(f"COSOD_HELDOUT_FRACTION must lie in (0, 1), got {self.heldout_fraction!r}")
+        if self.finetune_lr <= 0 or self.promote_margin < 0:
+            raise ValueError("COSOD_FINETUNE_LR must be > 0 and COSOD_PROMOTE_MARGIN >= 0")
         if self.job_retries < 0:
             raise ValueError(f"COSOD_JOB_RETRIES must be >= 0, got {self.job_retries!r}")
         if self.job_backoff < 0:
@@ -194,4 +232,12 @@ class Settings:
             job_attempts=integer("COSOD_JOB_ATTEMPTS", 4),
             job_backoff=number("COSOD_JOB_BACKOFF", 2.0),
             worker_heartbeat=integer("COSOD_WORKER_HEARTBEAT", 10),
+            train_every=integer("COSOD_TRAIN_EVERY", 10),
+            promote_metric=first("COSOD_PROMOTE_METRIC") or "iou",
+            promote_margin=number("COSOD_PROMOTE_MARGIN", 0.005),
+            finetune_steps=integer("COSOD_FINETUNE_STEPS", 300),
+            finetune_lr=number("COSOD_FINETUNE_LR", 1e-3),
+            heldout_fraction=number("COSOD_HELDOUT_FRACTION", 0.2),
+            finetune_min_corrections=integer("COSOD_FINETUNE_MIN_CORRECTIONS", 3),
+            finetune_timeout=integer("COSOD_FINETUNE_TIMEOUT", 7200),
         )

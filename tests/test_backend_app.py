@@ -406,13 +406,14 @@ def test_webhook_is_fast_and_counts_events(client) -> None:
     payload = {
         "action": "ANNOTATION_CREATED",
         "annotation": {"id": 1, "result": []},
-        "task": {"id": 5},
+        "task": {"id": 5, "data": {"image": "/data/upload/12/a.png"}},
         "project": {"id": 12},
     }
     t0 = time.perf_counter()
     r = client.post("/webhook", json=payload)
     assert time.perf_counter() - t0 < 1.0
     assert r.status_code == 200 and r.json["status"] == "ok" and r.json["task"] == 5
+    assert r.json["stored"] == "inserted"  # an empty result is stored as "no object in this image"
     assert client.post("/webhook", json={"action": "PROJECT_CREATED"}).json["status"] == "ignored"
     assert client.post("/webhook", json={"annotation": {}}).status_code == 400
     text = client.get("/metrics").get_data(as_text=True)
