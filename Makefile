@@ -17,7 +17,7 @@ LS_VENV ?= .venv-ls
 LS_VERSION ?= 1.23.2
 export LS_BIN ?= $(abspath $(LS_VENV))/bin/label-studio
 
-.PHONY: install run test lint typecheck bench clean ls-venv
+.PHONY: install run worker test lint typecheck bench clean ls-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ run: install
 	$(BIN)/gunicorn --bind $(HOST):$(PORT) --workers $(WORKERS) --threads $(THREADS) --timeout 0 \
 		'backend.app:create_app()'
 
+# An RQ worker for batch jobs and fine-tunes (needs REDIS_URL, e.g. redis://127.0.0.1:6379/0).
+worker: install
+	$(BIN)/cosod-worker
+
 test: install ls-venv
 	$(BIN)/python -m pytest -q
 
@@ -56,6 +60,7 @@ typecheck: install
 
 bench: install
 	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/predict.py
 
 clean:
 	rm -rf $(VENV) $(LS_VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info
