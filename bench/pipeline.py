@@ -114,8 +114,16 @@ def memory_child(name: str, n: int, size: tuple[int, int]) -> None:
         t0 = time.perf_counter()
         pipe.predict_group(images)
         seconds = time.perf_counter() - t0
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mb": peak_kb / 1024, "seconds": seconds, "weights": note}))
+    print(json.dumps({"peak_mb": peak_rss_mb(), "seconds": seconds, "weights": note}))
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory (VmHWM of its address space). Not ru_maxrss: Linux carries
+    that across fork and exec, so a child would report its parent's peak when the parent was larger."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
 
 
 def memory_peak(args: argparse.Namespace) -> dict[str, object]:
