@@ -4,12 +4,19 @@
   one :func:`prelabel_group` per group, with the id ``prelabel-p<project>-<12 hex of the group>-<model
   version>``. Asking twice enqueues nothing new: a job with that id that is queued, running or finished is
   left alone.
-- :func:`prelabel_group` (runs on a worker): computes the group with the process's pipeline (loaded once)
-  and pushes one prediction per task with ``predictions.create``, skipping tasks that already have a
-  prediction of this model version. The check is repeated per task just before its push, so a re-run after a
-  crash (or a twin run) never duplicates predictions. Groups larger than ``COSOD_MAX_GROUP_IMAGES`` are
-  computed in chunks (each with ``COSOD_MAX_REFS`` references). Progress (images done / total) is in the
-  job's meta; the result holds counts, seconds and the seconds spent in the pipeline.
+- :func:`prelabel_group` (runs on a worker): gets the group's tasks (the ids listed at enqueue time) with
+  the model versions of their predictions in one Data Manager request per 200 tasks, computes the tasks
+  without a prediction of this version with the process's pipeline (loaded once), and stores their
+  predictions with one ``projects.import_predictions`` request per chunk. Right before each import it asks
+  Label Studio again which of the chunk's tasks have a prediction of this version by now, so a re-run after a
+  crash (or a twin run) never duplicates predictions; Label Studio stores an import all or none. Groups
+  larger than ``COSOD_MAX_GROUP_IMAGES`` are computed in chunks (each with ``COSOD_MAX_REFS`` references).
+  Progress (images done / total) is in the job's meta; the result holds counts, seconds, and seconds per
+  phase (``list``, ``check``, ``images``, ``pipeline``, ``encode``, ``push``, ``other``).
+
+  Per group this is a fixed handful of Label Studio requests plus one image download per task, instead of
+  three requests per task (check, re-check, ``predictions.create``): the work outside the pipeline no
+  longer grows with Label Studio's per-request cost times the group size.
 
 Faults: every Label Studio call is tried ``COSOD_JOB_ATTEMPTS`` times with exponential backoff
 (``COSOD_JOB_BACKOFF`` s, doubling) while Label Studio is unreachable or answers 5xx; after that the job fails
@@ -25,15 +32,17 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from . import queue as jobqueue
-from .errors import BackendError, UnknownProjectError
+from .errors import BackendError, LabelStudioError, UnknownProjectError
 from .grouping import GroupKey, TaskRef, choose_subset, effective_rule, group_key, members
-from .labelstudio import LabelStudioClient, LabelStudioUnavailableError
+from .labelstudio import LabelStudioClient, LabelStudioUnavailableError, TaskState
 from .loader import PipelineLoader
 from .metrics import default_metrics
 from .model import CoSODModel
@@ -42,7 +51,8 @@ from .settings import Settings, parse_group_by
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-PUSH_THREADS = 4  # concurrent Label Studio requests of one job (prediction checks and pushes)
+PUSH_THREADS = 4  # concurrent Label Studio requests of one job (prediction checks)
+AHEAD_CLAIM_TTL = 600  # s: how long a worker's claim to read a queued job's images ahead lasts
 
 
 class TransientJobError(RuntimeError):
@@ -159,13 +169,14 @@ def enqueue_prelabel(
     s = ctx.settings
     out = []
     for key in keys:
-        n = sum(1 for t in tasks if group_key(t.data, rule) == key)
+        ids = [t.id for t in members(tasks, key)]
         out.append(
             q.enqueue(
                 prelabel_group,
                 project_id,
                 key,
                 version,
+                ids,
                 job_id=group_job_id(project_id, key, version),
                 timeout=s.job_timeout,
                 result_ttl=s.job_result_ttl,
@@ -175,7 +186,7 @@ def enqueue_prelabel(
                     "project": project_id,
                     "group": str(key),
                     "model_version": version,
-                    "progress": {"done": 0, "total": n},
+                    "progress": {"done": 0, "total": len(ids)},
                 },
                 description=f"pre-annotate project {project_id} group {key} with {version}",
             )
@@ -192,10 +203,13 @@ def prelabel_project(
     return [e.job_id for e in enqueue_prelabel(project_id, group_by, groups)]
 
 
-def prelabel_group(project_id: int, key: GroupKey, model_version: str) -> dict[str, Any]:
-    """Pre-annotate one group; returns counts and the tasks that got no prediction, with reasons."""
+def prelabel_group(
+    project_id: int, key: GroupKey, model_version: str, task_ids: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """Pre-annotate one group (``task_ids``: its members when it was enqueued; None lists the project
+    again); returns counts, per-phase seconds and the tasks that got no prediction, with reasons."""
     try:
-        return _prelabel_group(context(), project_id, key, model_version)
+        return _prelabel_group(context(), project_id, key, model_version, task_ids)
     except (jobqueue.JobCanceledError, jobqueue.JobTimeoutError):
         raise
     except TransientJobError as exc:
@@ -207,8 +221,30 @@ def prelabel_group(project_id: int, key: GroupKey, model_version: str) -> dict[s
         raise PermanentJobError(reason) from None
 
 
-def _prelabel_group(ctx: JobContext, project_id: int, key: GroupKey, model_version: str) -> dict[str, Any]:
+class _Clock:
+    """Seconds per phase of a job (``with clock("push"): ...``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - t0)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+
+def _prelabel_group(
+    ctx: JobContext, project_id: int, key: GroupKey, model_version: str, task_ids: Sequence[int] | None
+) -> dict[str, Any]:
     t_start = time.perf_counter()
+    clock = _Clock()
+    hits_before = ctx.ls.ahead.hits
     project = _project(ctx, project_id)
     ctx.loader.require(timeout=600.0, model=project.model)
     pipeline, version = ctx.model.serving(project)
@@ -219,73 +255,81 @@ def _prelabel_group(ctx: JobContext, project_id: int, key: GroupKey, model_versi
             "(or a newer version was promoted since; ask again)"
         )
     ls, s = ctx.ls, ctx.settings
-    tasks = _retrying(
-        ctx,
-        f"listing the tasks of project {project_id}",
-        lambda: ls.project_tasks(project_id, refresh=True, sdk_retries=0),
-    )
-    group = members(tasks, key)
+    with clock("list"):
+        if task_ids is None:
+            listed = _retrying(
+                ctx,
+                f"listing the tasks of project {project_id}",
+                lambda: ls.project_tasks(project_id, refresh=True, sdk_retries=0),
+            )
+            task_ids = [t.id for t in members(listed, key)]
+        wanted = list(task_ids)
+        states = _retrying(
+            ctx,
+            f"listing the {len(wanted)} tasks of group {key} in project {project_id}",
+            lambda: ls.tasks_with_versions(project_id, wanted),
+        )
+    gone = sorted(set(wanted) - {st.task.id for st in states})
+    if gone:
+        log.info("project %s group %s: %d tasks deleted since enqueued: %s", project_id, key, len(gone), gone)
+    group = [st.task for st in states]
     total = len(group)
-
-    def has(t: TaskRef) -> bool:
-        return _retrying(
-            ctx,
-            f"listing the predictions of task {t.id}",
-            lambda: ls.task_has_prediction(t.id, model_version),
-        )
-
-    def push(t: TaskRef, out: Any) -> str | None:
-        """Push one task's prediction unless it has one of this version by now; None, or the reason."""
-        if has(t):  # re-checked right before pushing: another run may have pushed meanwhile
-            return "skipped"
-        if out is None or (out.error is not None and out.kind != "image_unreadable"):
-            return out.error if out is not None else "no outcome"
-        result = [] if out.error is not None else ctx.model.regions(project.config, t.id, out)
-        score = 0.0 if out.error is not None else round(out.score, 4)
-        _retrying(
-            ctx,
-            f"pushing the prediction of task {t.id}",
-            lambda: ls.create_prediction(t.id, result, score, model_version),
-        )
-        return None
-
-    with ThreadPoolExecutor(max_workers=PUSH_THREADS) as pool:
-        have = {t.id for t, found in zip(group, pool.map(has, group), strict=True) if found}
-        todo = [t for t in group if t.id not in have]
-        done = total - len(todo)
-        jobqueue.report_progress(done, total)
-        pushed, skipped, failed = 0, len(have), []
-        chunk = max(1, s.max_group_images - s.max_refs) if total > s.max_group_images else max(1, total)
-        by_id = {t.id: t for t in group}
-        t_pipe = 0.0
-        for start in range(0, len(todo), chunk):
-            part = todo[start : start + chunk]
-            subset = choose_subset(list(by_id), [t.id for t in part], k=s.max_refs, limit=s.max_group_images)
-            timed = _Timed(pipeline)
-            outcomes = _compute(ctx, [by_id[i] for i in subset], project, timed)
-            t_pipe += timed.seconds
-            futures = {pool.submit(push, t, outcomes.get(t.id)): t for t in part}
-            for fut in as_completed(futures):
-                reason = fut.result()
-                if reason is None:
-                    pushed += 1
-                elif reason == "skipped":
-                    skipped += 1
+    with clock("check"):
+        have = _predicted(ctx, states, model_version)
+    todo = [t for t in group if t.id not in have]
+    done = total - len(todo)
+    jobqueue.report_progress(done, total)
+    pushed, skipped, failed = 0, len(have), []
+    chunk = max(1, s.max_group_images - s.max_refs) if total > s.max_group_images else max(1, total)
+    by_id = {t.id: t for t in group}
+    starts = list(range(0, len(todo), chunk))
+    for n, start in enumerate(starts):
+        part = todo[start : start + chunk]
+        subset = choose_subset(list(by_id), [t.id for t in part], k=s.max_refs, limit=s.max_group_images)
+        ahead: Callable[[], None] | None = None
+        if s.read_ahead and n + 1 < len(starts):
+            after = todo[starts[n + 1] : starts[n + 1] + chunk]
+            nxt = choose_subset(list(by_id), [t.id for t in after], k=s.max_refs, limit=s.max_group_images)
+            ahead = partial(_read_ahead, ctx, [by_id[i] for i in nxt], project.config.image_key)
+        elif s.read_ahead:
+            ahead = partial(_read_ahead_next_job, ctx)
+        timed = _Timed(pipeline, on_start=ahead)
+        t0 = time.perf_counter()
+        outcomes = _compute(ctx, [by_id[i] for i in subset], project, timed)
+        clock.add("pipeline", timed.seconds)
+        clock.add("images", time.perf_counter() - t0 - timed.seconds)
+        with clock("encode"):
+            ready: dict[int, tuple[list[dict[str, Any]], float]] = {}
+            for t in part:
+                out = outcomes.get(t.id)
+                if out is None or (out.error is not None and out.kind != "image_unreadable"):
+                    failed.append({"task": t.id, "error": out.error if out is not None else "no outcome"})
+                elif out.error is not None:  # not decodable: an empty result, so it is not asked again
+                    ready[t.id] = ([], 0.0)
                 else:
-                    failed.append({"task": futures[fut].id, "error": reason})
-                done += 1
-                jobqueue.report_progress(done, total)
+                    ready[t.id] = (ctx.model.regions(project.config, t.id, out), round(out.score, 4))
+        with clock("push"):
+            sent, already, refused = _push(ctx, project_id, key, ready, model_version)
+        pushed, skipped = pushed + len(sent), skipped + len(already)
+        failed.extend(refused)
+        done += len(part)
+        jobqueue.report_progress(done, total)
     seconds = time.perf_counter() - t_start
-    jobqueue.set_meta(seconds=round(seconds, 3), pipeline_seconds=round(t_pipe, 3))
+    timings = {k: round(v, 3) for k, v in clock.seconds.items()}
+    timings["other"] = round(max(0.0, seconds - sum(clock.seconds.values())), 3)
+    t_pipe = clock.seconds.get("pipeline", 0.0)
+    jobqueue.set_meta(seconds=round(seconds, 3), pipeline_seconds=round(t_pipe, 3), timings=timings)
     log.info(
-        "project %s group %s: %d tasks, %d pushed, %d failed, %.2f s (pipeline %.2f s)",
+        "project %s group %s: %d tasks, %d pushed, %d skipped, %d failed, %.2f s (pipeline %.2f s; %s)",
         project_id,
         key,
         total,
         pushed,
+        skipped,
         len(failed),
         seconds,
         t_pipe,
+        ", ".join(f"{k} {v:.2f}" for k, v in timings.items()),
     )
     return {
         "project": project_id,
@@ -297,7 +341,86 @@ def _prelabel_group(ctx: JobContext, project_id: int, key: GroupKey, model_versi
         "failed": failed,
         "seconds": round(seconds, 3),
         "pipeline_seconds": round(t_pipe, 3),
+        "timings": timings,
+        "images_read_ahead": ctx.ls.ahead.hits - hits_before,
     }
+
+
+def _predicted(ctx: JobContext, states: Sequence[TaskState], model_version: str) -> set[int]:
+    """Ids of the tasks that have a prediction of ``model_version``; a task whose versions Label Studio's
+    list could not tell is asked on its own."""
+    unknown = [st.task.id for st in states if st.has(model_version) is None]
+    have = {st.task.id for st in states if st.has(model_version)}
+    if unknown:
+
+        def ask(task_id: int) -> bool:
+            return _retrying(
+                ctx,
+                f"listing the predictions of task {task_id}",
+                lambda: ctx.ls.task_has_prediction(task_id, model_version),
+            )
+
+        with ThreadPoolExecutor(max_workers=PUSH_THREADS) as pool:
+            have |= {i for i, found in zip(unknown, pool.map(ask, unknown), strict=True) if found}
+    return have
+
+
+def _push(
+    ctx: JobContext,
+    project_id: int,
+    key: GroupKey,
+    ready: dict[int, tuple[list[dict[str, Any]], float]],
+    model_version: str,
+) -> tuple[list[int], list[int], list[dict[str, Any]]]:
+    """Store the predictions of ``ready`` (task id -> result, score): ``(sent, already there, failed)``.
+
+    Each attempt first asks Label Studio again which of these tasks have a prediction of this version by
+    now (another run, or an attempt whose answer was lost after Label Studio had stored it), then imports
+    the rest in one request, which Label Studio stores all or none. When it refuses the batch (HTTP 4xx, e.g.
+    a task deleted in the meantime), each task is pushed on its own so that one bad task fails alone."""
+    if not ready:
+        return [], [], []
+    ls = ctx.ls
+
+    def attempt() -> tuple[list[int], list[int], list[dict[str, Any]]]:
+        states = ls.tasks_with_versions(project_id, list(ready))
+        already = _predicted(ctx, states, model_version)
+        present = {st.task.id for st in states}
+        missing = [{"task": i, "error": "the task was deleted"} for i in sorted(set(ready) - present)]
+        send = sorted(present - already)
+        ls.import_predictions(
+            project_id,
+            [
+                {"task": i, "result": ready[i][0], "score": ready[i][1], "model_version": model_version}
+                for i in send
+            ],
+        )
+        return send, sorted(already), missing
+
+    what = f"pushing {len(ready)} predictions of group {key} in project {project_id}"
+    try:
+        return _retrying(ctx, what, attempt)
+    except LabelStudioError as exc:  # refused (4xx); unreachable ends in TransientJobError after retries
+        log.warning("%s: %s; pushing them one by one", what, exc)
+    sent, already, failed = [], [], []
+    for task_id, (result, score) in sorted(ready.items()):
+        try:
+            if _retrying(
+                ctx,
+                f"listing the predictions of task {task_id}",
+                lambda: ls.task_has_prediction(task_id, model_version),  # noqa: B023 - called at once
+            ):
+                already.append(task_id)
+                continue
+            _retrying(
+                ctx,
+                f"pushing the prediction of task {task_id}",
+                lambda: ls.create_prediction(task_id, result, score, model_version),  # noqa: B023
+            )
+            sent.append(task_id)
+        except LabelStudioError as exc:
+            failed.append({"task": task_id, "error": str(exc)})
+    return sent, already, failed
 
 
 def _compute(ctx: JobContext, tasks: list[TaskRef], project: Project, pipeline: Any) -> dict[int, Any]:
@@ -312,18 +435,63 @@ def _compute(ctx: JobContext, tasks: list[TaskRef], project: Project, pipeline: 
     return _retrying(ctx, f"computing {len(tasks)} images of project {project.id}", attempt)
 
 
+def _fill_ahead(ctx: JobContext, tasks: Sequence[TaskRef], image_key: str) -> int:
+    refs = [(t.data.get(image_key), t.id) for t in tasks]
+    return ctx.ls.ahead.fill(refs, ctx.ls.read_bytes)
+
+
+def _read_ahead(ctx: JobContext, tasks: Sequence[TaskRef], image_key: str) -> None:
+    """Read the images of ``tasks`` into the client's read-ahead store (in a daemon thread)."""
+    threading.Thread(
+        target=_fill_ahead, args=(ctx, tasks, image_key), name="cosod-ahead", daemon=True
+    ).start()
+
+
+def _read_ahead_next_job(ctx: JobContext) -> None:
+    """Read ahead the images of the first chunk of the next queued group job that no other worker claimed
+    (in a daemon thread; any failure only means nothing is read ahead)."""
+
+    def run() -> None:
+        try:
+            nxt = jobqueue.get_queue(ctx.settings).claim_next(prelabel_group, ttl=AHEAD_CLAIM_TTL)
+            if nxt is None or len(nxt[1]) < 4 or nxt[1][3] is None:
+                return
+            project_id, _, version, ids = nxt[1][:4]
+            project = ctx.model.project(project_id)
+            states = ctx.ls.tasks_with_versions(project_id, ids)
+            s = ctx.settings
+            group = [st.task.id for st in states]
+            first = [st.task.id for st in states if not st.has(version)]
+            if len(group) > s.max_group_images:
+                first = first[: max(1, s.max_group_images - s.max_refs)]
+            subset = set(choose_subset(group, first, k=s.max_refs, limit=s.max_group_images))
+            tasks = [st.task for st in states if st.task.id in subset]
+            log.debug(
+                "read %d images of job %s ahead", _fill_ahead(ctx, tasks, project.config.image_key), nxt[0]
+            )
+        except Exception as exc:
+            log.debug("reading the next job's images ahead failed: %s", exc)
+
+    threading.Thread(target=run, name="cosod-ahead", daemon=True).start()
+
+
 class _Timed:
     """The pipeline with the seconds spent in ``predict_group`` added up (the job reports the share of its
-    time spent outside the pipeline: queue, Label Studio I/O, RLE)."""
+    time spent outside the pipeline: queue, Label Studio I/O, RLE). ``on_start`` is called as the pipeline
+    starts (once its images are in): the job reads the next images ahead meanwhile."""
 
-    def __init__(self, inner: Any):
+    def __init__(self, inner: Any, on_start: Callable[[], None] | None = None):
         self.inner = inner
         self.seconds = 0.0
+        self.on_start = on_start
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     def predict_group(self, images: list[Any]) -> Any:
+        if self.on_start is not None:
+            self.on_start()
+            self.on_start = None
         t0 = time.perf_counter()
         try:
             return self.inner.predict_group(images)

@@ -6,6 +6,9 @@ Reading a task image is a security boundary. Only these are read:
   ``/data/local-files/?d=...``: from the configured ``LABEL_STUDIO_URL``, with its token;
 - ``/data/local-files/?d=<rel>`` straight from disk when ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT`` is set,
   only below that root (the SDK's resolver does the normalisation);
+- ``/data/upload/<path>`` straight from disk when ``COSOD_LS_MEDIA_ROOT`` names Label Studio's media folder
+  (shared read-only with this process, as in docker-compose.yml), only below that folder; a file missing
+  there is downloaded as above;
 - cloud URIs (``s3://``, ``gs://``, ``azure-blob://``) through Label Studio's presign endpoint for the task;
 - ``http(s)://`` URLs whose host is the configured Label Studio host.
 
@@ -17,14 +20,18 @@ both before decoding; decoding itself is ``cosod.imageio.decode_image``.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import threading
 import time
 import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
+import httpx
 import numpy as np
 import requests
 from label_studio_sdk._extensions.label_studio_tools.core.utils.io import (
@@ -41,11 +48,38 @@ from cosod.imageio import decode_image
 
 from .errors import ImageFetchError, ImageRefusedError, LabelStudioError, UnknownProjectError
 from .grouping import TaskRef
+from .prefetch import ImagesAhead
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 NO_SDK_RETRY: Any = {"max_retries": 0}  # the job functions retry Label Studio calls with their own backoff
+
+
+IDS_PER_REQUEST = 200  # task ids per Data Manager list request (they travel in the URL's query)
+VERSIONS_TEXT_LIMIT = 500  # Label Studio cuts the predictions_model_versions column's text at 500 chars
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """A task and the model versions of its predictions (None: unknown, ask per task)."""
+
+    task: TaskRef
+    versions: frozenset[str] | None
+
+    def has(self, model_version: str) -> bool | None:
+        return None if self.versions is None else model_version in self.versions
+
+
+def parse_versions(text: Any) -> frozenset[str] | None:
+    """The Data Manager's ``predictions_model_versions`` text (``"a,b"`` on SQLite, ``"a, b"`` on
+    PostgreSQL, ``""`` for none) as a set; None when absent or possibly cut at the length limit.
+
+    Label Studio cuts the text before it removes the quotes PostgreSQL's form has (two per version), so
+    the length before that removal is bounded from above by the length plus two per comma, plus two."""
+    if not isinstance(text, str) or len(text) + 2 * text.count(",") + 2 >= VERSIONS_TEXT_LIMIT:
+        return None
+    return frozenset(v.strip() for v in text.split(",") if v.strip())
 
 
 class LabelStudioUnavailableError(LabelStudioError):
@@ -83,6 +117,8 @@ class LabelStudioClient:
         self._sdk: Any = None
         self._sdk_token: str | None = None
         self._tasks: dict[int, tuple[float, list[TaskRef]]] = {}
+        self._media_miss_logged = False
+        self.ahead = ImagesAhead()  # bytes read ahead of use by the jobs (backend/prefetch.py)
         self.list_calls = 0
 
     # -- auth -----------------------------------------------------------------------------------------
@@ -110,16 +146,35 @@ class LabelStudioClient:
             if self._sdk is None or self._sdk_token != token:
                 from label_studio_sdk.client import LabelStudio
 
+                # A new connection per request: Label Studio's development server (`label-studio start`)
+                # stalls each reply on a reused connection by 40 ms (Nagle against delayed ACKs), more
+                # than a new connection costs against any server.
+                http = httpx.Client(
+                    timeout=self.settings.http_timeout, limits=httpx.Limits(max_keepalive_connections=0)
+                )
                 try:
                     self._sdk = LabelStudio(
                         base_url=self.settings.label_studio_url,
                         api_key=token,
                         timeout=self.settings.http_timeout,
+                        httpx_client=http,
                     )
                 except Exception as exc:  # an expired PAT raises here
                     raise LabelStudioError(f"cannot use LABEL_STUDIO_API_KEY: {exc}") from None
                 self._sdk_token = token
             return self._sdk
+
+    def warm(self) -> None:
+        """Build the SDK client and import what the job functions use (about a second), so that the first
+        job does not pay for it. A no-op without LABEL_STUDIO_URL and an API key."""
+        if not self.configured:
+            return
+        from label_studio_sdk import PredictionRequest  # noqa: F401 - imported for its import cost
+
+        try:
+            self.auth_headers()
+        except LabelStudioError as exc:
+            log.warning("Label Studio client: %s", exc)
 
     def auth_headers(self) -> dict[str, str]:
         """``Authorization: Token <legacy>`` or ``Bearer <fresh access token>``, as the SDK builds it."""
@@ -184,6 +239,71 @@ class LabelStudioClient:
             ) from None
         return str(project.label_config or "")
 
+    def tasks_with_versions(self, project_id: int, task_ids: Sequence[int]) -> list[TaskState]:
+        """The project's tasks among ``task_ids`` (id and data, sorted by id; deleted ones are left out),
+        each with the model versions of its predictions: one request per ``IDS_PER_REQUEST`` ids.
+
+        This is the Data Manager's task list restricted to the ids (``selectedItems``) and ordered by its
+        ``predictions_model_versions`` column, which makes Label Studio compute that column. Label Studio
+        cuts the column's text at ``VERSIONS_TEXT_LIMIT`` characters; a task whose text may have been cut,
+        or a server that leaves the column out, gets ``versions=None`` (ask :meth:`task_has_prediction`)."""
+        ids = sorted({int(i) for i in task_ids})
+        out: dict[int, TaskState] = {}
+        client = self.sdk()
+        for start in range(0, len(ids), IDS_PER_REQUEST):
+            chunk = ids[start : start + IDS_PER_REQUEST]
+            query = json.dumps(
+                {
+                    "selectedItems": {"all": False, "included": chunk},
+                    "ordering": ["tasks:predictions_model_versions"],
+                }
+            )
+            try:
+                page = client.tasks.list(
+                    project=project_id,
+                    fields="task_only",
+                    include="id,data,predictions_model_versions",
+                    query=query,
+                    page_size=len(chunk),
+                    request_options=NO_SDK_RETRY,
+                )
+                listed = list(page.items or [])  # one page holds the chunk: no request for a next page
+            except Exception as exc:
+                raise _sdk_error(
+                    exc,
+                    f"listing {len(chunk)} tasks of project {project_id}",
+                    self.settings.label_studio_url,
+                    project_id,
+                ) from None
+            wanted = set(chunk)
+            for t in listed:
+                if t.id is not None and int(t.id) in wanted:
+                    versions = parse_versions(getattr(t, "predictions_model_versions", None))
+                    out[int(t.id)] = TaskState(TaskRef(int(t.id), dict(t.data or {})), versions)
+        return [out[i] for i in sorted(out)]
+
+    def import_predictions(self, project_id: int, predictions: Sequence[Mapping[str, Any]]) -> int:
+        """Store many predictions in one request (``projects.import_predictions``; each item has ``task``,
+        ``result``, ``score`` and ``model_version``). Label Studio checks every item before it stores any
+        and stores them in one transaction: all or none. Returns the number created."""
+        from label_studio_sdk import PredictionRequest
+
+        if not predictions:
+            return 0
+        request = [PredictionRequest(**dict(p)) for p in predictions]
+        try:
+            resp = self.sdk().projects.import_predictions(
+                id=project_id, request=request, request_options=NO_SDK_RETRY
+            )
+        except Exception as exc:
+            raise _sdk_error(
+                exc,
+                f"importing {len(request)} predictions into project {project_id}",
+                self.settings.label_studio_url,
+                project_id,
+            ) from None
+        return int(resp.created or 0)
+
     def predicted_task_ids(self, project_id: int, model_version: str) -> set[int]:
         """Ids of the project's tasks that have a prediction of ``model_version``."""
         try:
@@ -247,7 +367,9 @@ class LabelStudioClient:
         ImageFetchError (cannot get the bytes) or cosod's ImageReadError (not a decodable image)."""
         if not isinstance(url, str) or not url:
             raise ImageFetchError(f"task {task_id}: no image reference in the task data (got {url!r})")
-        data = self.read_bytes(url, task_id)
+        data = self.ahead.take(url)
+        if data is None:
+            data = self.read_bytes(url, task_id)
         name = f"task {task_id} image {url}"
         self._check_pixels(data, name)
         return decode_image(
@@ -285,6 +407,10 @@ class LabelStudioClient:
             )
         if parsed.path.startswith("/data/local-files") and s.local_files_root:
             return self._read_local(url)
+        if parsed.path.startswith("/data/upload/") and s.ls_media_root and ".." not in parsed.path.split("/"):
+            data = self._read_media(parsed.path[len("/data/") :], url)
+            if data is not None:
+                return data
         if not parsed.path.startswith(("/data/upload/", "/storage-data/uploaded", "/data/local-files")):
             raise ImageRefusedError(
                 f"{url}: only /data/upload/, /storage-data/uploaded/ and /data/local-files/ "
@@ -318,8 +444,33 @@ class LabelStudioClient:
                 )
             with open(path, "rb") as fh:
                 return fh.read()
+        except ImageRefusedError:
+            raise
         except OSError as exc:
             raise ImageFetchError(f"{url}: cannot read the local file ({exc.strerror or exc})") from None
+
+    def _read_media(self, relative: str, shown: str) -> bytes | None:
+        """An upload straight from Label Studio's media folder (``COSOD_LS_MEDIA_ROOT``); None when the file
+        is not there (then it is downloaded). Only files below that folder are read."""
+        root = os.path.realpath(self.settings.ls_media_root or "")
+        path = os.path.realpath(os.path.join(root, unquote(relative)))
+        if not path.startswith(root + os.sep) or not os.path.isfile(path):
+            if not self._media_miss_logged:
+                self._media_miss_logged = True
+                log.warning("%s is not in COSOD_LS_MEDIA_ROOT=%s; downloading uploads instead", shown, root)
+            return None
+        try:
+            if os.path.getsize(path) > self.settings.max_image_bytes:
+                raise ImageRefusedError(
+                    f"{shown}: {os.path.getsize(path)} bytes is over the limit of "
+                    f"{self.settings.max_image_bytes} bytes"
+                )
+            with open(path, "rb") as fh:
+                return fh.read()
+        except ImageRefusedError:  # a PermissionError, so an OSError too
+            raise
+        except OSError as exc:
+            raise ImageFetchError(f"{shown}: cannot read {path} ({exc.strerror or exc})") from None
 
     def _download(self, path: str, shown: str, *, follow_redirects: bool = False) -> bytes:
         s = self.settings
@@ -388,4 +539,10 @@ class LabelStudioClient:
             )
 
 
-__all__ = ["LabelStudioClient", "LabelStudioUnavailableError", "ImageReadError"]
+__all__ = [
+    "ImageReadError",
+    "LabelStudioClient",
+    "LabelStudioUnavailableError",
+    "TaskState",
+    "parse_versions",
+]

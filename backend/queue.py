@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 ACTIVE = ("queued", "scheduled", "deferred", "started")
 CANCEL_KEY = "cosod:cancel:{}"
+AHEAD_KEY = "cosod:ahead:{}"  # a worker reads this queued job's inputs ahead (one worker per job)
+PEEK = 8  # queued jobs looked at by claim_next
 
 
 class JobQueueError(Exception):
@@ -121,6 +123,8 @@ class JobQueue(Protocol):
     def cancel(self, job_id: str) -> JobInfo | None: ...
 
     def ping(self) -> str: ...
+
+    def claim_next(self, func: Callable[..., Any], ttl: int) -> tuple[str, tuple[Any, ...]] | None: ...
 
 
 def _iso(value: Any) -> str | None:
@@ -357,6 +361,16 @@ class InProcessQueue:
         finally:
             _running.reset(token)
 
+    def claim_next(self, func: Callable[..., Any], ttl: int) -> tuple[str, tuple[Any, ...]] | None:
+        """The id and arguments of the first queued job of ``func`` (one thread runs them all here, so
+        whatever is read ahead for it is used)."""
+        with self._lock:
+            for rid in self._pending:
+                rec = self._records.get(rid)
+                if rec is not None and rec.status == "queued" and rec.func is func:
+                    return rid, rec.args
+        return None
+
     def fetch(self, job_id: str) -> JobInfo | None:
         with self._lock:
             self._purge()
@@ -507,6 +521,29 @@ class RQQueue:
             raise JobQueueError(f"could not enqueue job {job_id!r}: it kept changing state")
         except redis.RedisError as exc:
             raise self._unavailable(exc) from None
+
+    def claim_next(self, func: Callable[..., Any], ttl: int) -> tuple[str, tuple[Any, ...]] | None:
+        """The id and arguments of the first of the next :data:`PEEK` queued jobs of ``func`` that no other
+        worker claimed; the claim lasts ``ttl`` seconds. Any Redis trouble answers None (reading ahead is
+        only an optimisation)."""
+        import redis
+        from rq.exceptions import NoSuchJobError
+        from rq.job import Job
+
+        name = _func_name(func)
+        try:
+            for job_id in self.queue.get_job_ids(0, PEEK - 1):
+                try:
+                    job = Job.fetch(job_id, connection=self.connection)
+                except NoSuchJobError:
+                    continue
+                if job.func_name != name:
+                    continue
+                if self.connection.set(AHEAD_KEY.format(job_id), os.getpid(), nx=True, ex=ttl):
+                    return job_id, tuple(job.args)
+        except (redis.RedisError, ValueError, TypeError) as exc:
+            log.debug("no job to read ahead for: %s", exc)
+        return None
 
     def _info(self, job: Any) -> JobInfo:
         status = _status(job)

@@ -21,7 +21,12 @@ Environment variables (primary name, then aliases) -> field, default:
 - COSOD_TASK_LIST_TTL -> task_list_ttl, 60 s (how long a project's task list is cached)
 - COSOD_GROUP_CACHE_SIZE -> group_cache_size, 64 groups
 - LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, LOCAL_FILES_DOCUMENT_ROOT -> local_files_root, none
+- COSOD_LS_MEDIA_ROOT -> ls_media_root, none: Label Studio's media folder (its MEDIA_ROOT, e.g.
+  /label-studio/data/media in its image) mounted read-only here; uploaded images (/data/upload/...) are then
+  read from it instead of over HTTP (a file not found there is still downloaded)
 - COSOD_QUEUE -> queue_name, cosod (the RQ queue the jobs go to; workers listen on it)
+- COSOD_READ_AHEAD -> read_ahead, 1: a prelabel job reads the images it needs next (its next chunk, or the
+  next queued group's) while the pipeline computes; 0 turns this off
 - COSOD_JOB_TIMEOUT -> job_timeout, 3600 s (one group's pre-annotation job)
 - COSOD_JOB_RESULT_TTL / COSOD_JOB_FAILURE_TTL -> how long finished / failed jobs are kept, 7 / 30 days
 - COSOD_JOB_RETRIES -> job_retries, 2 (re-runs of a job whose worker died or whose transient faults persisted)
@@ -94,6 +99,7 @@ class Settings:
     max_image_bytes: int = DEFAULT_MAX_BYTES
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     local_files_root: str | None = None
+    ls_media_root: str | None = None
     task_list_ttl: float = 60.0
     group_cache_size: int = 64
     http_timeout: float = 30.0
@@ -101,6 +107,7 @@ class Settings:
     stage1_checkpoint: str | None = None
     ums_checkpoint: str | None = None
     queue_name: str = "cosod"
+    read_ahead: bool = True
     job_timeout: int = 3600
     job_result_ttl: int = 7 * 24 * 3600
     job_failure_ttl: int = 30 * 24 * 3600
@@ -167,6 +174,8 @@ class Settings:
             raise ValueError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
         if self.local_files_root and os.path.abspath(self.local_files_root) == os.path.abspath(os.sep):
             raise ValueError("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT must not be '/'")
+        if self.ls_media_root and os.path.abspath(self.ls_media_root) == os.path.abspath(os.sep):
+            raise ValueError("COSOD_LS_MEDIA_ROOT must not be '/'")
 
     @property
     def basic_auth(self) -> bool:
@@ -192,6 +201,16 @@ class Settings:
                 return int(raw) if raw is not None else default
             except ValueError:
                 raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+        def flag(name: str, default: bool) -> bool:
+            raw = first(name)
+            if raw is None:
+                return default
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{name} must be 1 or 0 (true or false), got {raw!r}")
 
         def number(name: str, default: float) -> float:
             raw = first(name)
@@ -219,12 +238,14 @@ class Settings:
             max_image_bytes=integer("COSOD_MAX_IMAGE_BYTES", DEFAULT_MAX_BYTES),
             max_image_pixels=integer("COSOD_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS),
             local_files_root=first("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "LOCAL_FILES_DOCUMENT_ROOT"),
+            ls_media_root=first("COSOD_LS_MEDIA_ROOT"),
             task_list_ttl=number("COSOD_TASK_LIST_TTL", 60.0),
             group_cache_size=integer("COSOD_GROUP_CACHE_SIZE", 64),
             model_name=first("COSOD_MODEL") or "scosparc",
             stage1_checkpoint=first("COSOD_STAGE1_CHECKPOINT"),
             ums_checkpoint=first("COSOD_UMS_CHECKPOINT"),
             queue_name=first("COSOD_QUEUE") or "cosod",
+            read_ahead=flag("COSOD_READ_AHEAD", True),
             job_timeout=integer("COSOD_JOB_TIMEOUT", 3600),
             job_result_ttl=integer("COSOD_JOB_RESULT_TTL", 7 * 24 * 3600),
             job_failure_ttl=integer("COSOD_JOB_FAILURE_TTL", 30 * 24 * 3600),

@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None, pipeline_factory: PipelineFactory | None
         print(f"cosod-worker: the pipeline could not be loaded: {ctx.loader.error}", file=sys.stderr)
         return 1
     log.info("pipeline loaded in %.2f s", ctx.loader.load_seconds or 0.0)
+    ctx.ls.warm()
 
     from rq import Queue
 

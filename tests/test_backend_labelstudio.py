@@ -113,6 +113,14 @@ def test_local_files_read_from_the_root_only(fake_ls, tmp_path) -> None:
     assert fake_ls.seen == []
 
 
+def test_an_oversized_local_file_is_refused_not_a_fetch_error(fake_ls, tmp_path) -> None:
+    (tmp_path / "big.png").write_bytes(png(40, 30))
+    size = (tmp_path / "big.png").stat().st_size
+    c = client(fake_ls, local_files_root=str(tmp_path), max_image_bytes=size - 1)
+    with pytest.raises(ImageRefusedError, match=f"{size} bytes is over the limit of {size - 1} bytes"):
+        c.read_image("/data/local-files/?d=big.png", 1)
+
+
 def test_local_files_without_root_are_downloaded(fake_ls) -> None:
     fake_ls.add_bytes("/data/local-files/", png(5, 5))
     assert client(fake_ls).read_image("/data/local-files/?d=images/a.png", 1).shape == (5, 5, 3)
@@ -189,3 +197,55 @@ def test_unknown_project_and_unreachable_label_studio(fake_ls) -> None:
     )
     with pytest.raises(LabelStudioError):
         dead.project_tasks(1)
+
+
+@pytest.mark.parametrize(
+    ("text", "versions"),
+    [
+        ("", frozenset()),
+        ("scosparc-p1-0a1b2c3d", frozenset({"scosparc-p1-0a1b2c3d"})),
+        ("a,a-v1", frozenset({"a", "a-v1"})),  # SQLite's GroupConcat
+        ("a, a-v1", frozenset({"a", "a-v1"})),  # PostgreSQL's ArrayAgg, quotes removed by Label Studio
+        (None, None),  # the column is missing: ask per task
+        ("x" * 497, frozenset({"x" * 497})),  # shorter than the cut even with PostgreSQL's quotes
+        ("x" * 498, None),  # at the 500-character cut: maybe cut
+        (", ".join(["v" * 10] * 40)[:450], None),  # PostgreSQL: 2 quotes per version were cut as well
+        ("v" * 400, frozenset({"v" * 400})),
+    ],
+)
+def test_prediction_versions_from_the_data_manager_column(text, versions) -> None:
+    from backend.labelstudio import parse_versions
+
+    assert parse_versions(text) == versions
+
+
+def test_uploads_are_read_from_the_shared_media_folder(fake_ls, tmp_path) -> None:
+    media = tmp_path / "media"
+    (media / "upload" / "3").mkdir(parents=True)
+    (media / "upload" / "3" / "a b.png").write_bytes(png(6, 4))
+    (tmp_path / "secret.png").write_bytes(png(6, 4))
+    fake_ls.add_bytes("/data/upload/3/missing.png", png(5, 5))
+    c = client(fake_ls, ls_media_root=str(media))
+    for url in ("/data/upload/3/a%20b.png", "upload/3/a b.png", f"{fake_ls.url}/data/upload/3/a%20b.png"):
+        assert c.read_image(url, 1).shape == (4, 6, 3)
+    assert fake_ls.seen == []  # read from disk, not over HTTP
+    assert c.read_image("/data/upload/3/missing.png", 2).shape == (5, 5, 3)  # not there: downloaded
+    assert [p for p, _ in fake_ls.seen] == ["/data/upload/3/missing.png"]
+    for bad in ("/data/upload/%2e%2e/%2e%2e/secret.png", "/data/upload/../secret.png"):
+        with pytest.raises((ImageRefusedError, ImageFetchError)):
+            c.read_image(bad, 3)
+    size = (media / "upload" / "3" / "a b.png").stat().st_size
+    with pytest.raises(ImageRefusedError, match=f"{size} bytes is over the limit of 50 bytes"):
+        client(fake_ls, ls_media_root=str(media), max_image_bytes=50).read_image("/data/upload/3/a b.png", 4)
+
+
+def test_images_read_ahead_are_used_once_and_checked_like_downloads(fake_ls) -> None:
+    fake_ls.add_bytes("/data/upload/1/a.png", png(20, 10, (0, 0, 200)))
+    c = client(fake_ls, max_image_pixels=150)
+    c.ahead.put("/data/upload/1/a.png", png(10, 10, (9, 9, 9)))
+    assert tuple(c.read_image("/data/upload/1/a.png", 1)[0, 0]) == (9, 9, 9) and fake_ls.seen == []
+    with pytest.raises(ImageRefusedError, match="200 pixels is over the limit of 150"):
+        c.read_image("/data/upload/1/a.png", 1)  # taken already: downloaded, and the limit applies
+    c.ahead.put("/data/upload/1/b.png", png(20, 10))
+    with pytest.raises(ImageRefusedError, match="over the limit of 150"):
+        c.read_image("/data/upload/1/b.png", 2)

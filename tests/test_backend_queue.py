@@ -155,3 +155,16 @@ def test_get_queue_picks_the_implementation_from_the_settings() -> None:
     assert get_queue(s.with_(redis_url="redis://127.0.0.1:6379/13")).kind == "rq"
     with pytest.raises(ValueError, match="REDIS_URL"):
         Settings(redis_url="127.0.0.1:6379")
+
+
+def test_claim_next_is_the_first_queued_job_of_the_function(q: InProcessQueue) -> None:
+    q.enqueue(wait_gate, "gate", job_id="running", **TTL)
+    wait_status(q, "running", "started")
+    assert q.claim_next(count_to, ttl=60) is None
+    q.enqueue(flaky, "f", 0, job_id="flaky", **TTL)
+    q.enqueue(count_to, 2, "a", job_id="count-a", **TTL)
+    q.enqueue(count_to, 3, "b", job_id="count-b", **TTL)
+    q.cancel("count-a")
+    assert q.claim_next(count_to, ttl=60) == ("count-b", (3, "b"))
+    GATE.set()
+    assert q.wait_idle(5) and q.claim_next(count_to, ttl=60) is None

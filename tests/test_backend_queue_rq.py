@@ -178,3 +178,19 @@ def test_unreachable_redis_is_named() -> None:
         dead.fetch("x")
     with pytest.raises(QueueUnavailableError, match="unreachable"):
         dead.enqueue(count_to, 1, job_id="x", **TTL)
+
+
+def test_claim_next_gives_each_queued_job_to_one_reader(q: RQQueue) -> None:
+    """Two workers reading ahead never pick the same queued job; other functions and claimed jobs are
+    passed over, and a claim expires with its ttl."""
+    q.enqueue(flaky, "k", 0, job_id="other-func", **TTL)
+    for i in range(3):
+        q.enqueue(count_to, i, job_id=f"count-{i}", **TTL)
+    second = RQQueue(URL, QUEUE)  # another worker's view of the same queue
+    assert q.claim_next(count_to, ttl=1) == ("count-0", (0,))
+    assert second.claim_next(count_to, ttl=60) == ("count-1", (1,))
+    assert q.claim_next(count_to, ttl=60) == ("count-2", (2,))
+    assert second.claim_next(count_to, ttl=60) is None  # all claimed; flaky is not count_to
+    time.sleep(1.2)
+    assert second.claim_next(count_to, ttl=60) == ("count-0", (0,))  # the first claim expired
+    assert RQQueue("redis://127.0.0.1:1/0", QUEUE).claim_next(count_to, ttl=5) is None  # no Redis: no claim

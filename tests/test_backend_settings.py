@@ -45,6 +45,13 @@ def test_full_env_and_aliases() -> None:
     assert s.basic_auth
 
 
+def test_job_io_settings() -> None:
+    assert Settings.from_env({}).read_ahead and Settings.from_env({}).ls_media_root is None
+    s = Settings.from_env({"COSOD_READ_AHEAD": "off", "COSOD_LS_MEDIA_ROOT": "/label-studio/data/media"})
+    assert not s.read_ahead and s.ls_media_root == "/label-studio/data/media"
+    assert Settings.from_env({"COSOD_READ_AHEAD": "TRUE"}).read_ahead
+
+
 def test_primary_names_win_over_aliases() -> None:
     s = Settings.from_env(
         {
@@ -67,6 +74,8 @@ def test_primary_names_win_over_aliases() -> None:
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
         ({"BASIC_AUTH_USER": "u"}, "together"),
         ({"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": "/"}, "must not be '/'"),
+        ({"COSOD_LS_MEDIA_ROOT": "/"}, "COSOD_LS_MEDIA_ROOT must not be '/'"),
+        ({"COSOD_READ_AHEAD": "maybe"}, "COSOD_READ_AHEAD must be 1 or 0 .* got 'maybe'"),
     ],
 )
 def test_bad_values_are_quoted(env: dict[str, str], message: str) -> None:

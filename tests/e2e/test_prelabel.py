@@ -183,3 +183,52 @@ def test_prelabel_in_process_and_the_cli(label_studio: Any, backend: Any, e2e: A
         lines = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and len(lines) == 1 and needle in lines[0], bad.stderr
     assert e2e.ls_api(ls, "GET", f"/api/projects/{project}")["id"] == project
+
+
+def _run_with_one_worker(
+    ls: Any, e2e: Any, tmp_path: Path, start_backend: Any, start_worker: Any, env: dict[str, str], **kw: Any
+) -> tuple[int, dict[int, str], dict[str, dict[str, Any]]]:
+    """A project of groups a (3), b (3), c (2) pre-annotated by one worker; returns the project, its tasks'
+    groups and each group's job result."""
+    project, task_group = e2e.create_grouped_project(ls, {"a": 3, "b": 3, "c": 2}, title=env["COSOD_QUEUE"])
+    wenv = {**env, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": e2e.TOKEN}
+    with (
+        start_backend(ls.url, e2e.TOKEN, tmp_path / "api", **env) as api,
+        start_worker(tmp_path, wenv, name=env["COSOD_QUEUE"], **kw),
+    ):
+        r = requests.post(f"{api.url}/jobs/prelabel", json={"project": project}, timeout=60)
+        assert r.status_code == 202, r.text
+        final = wait_jobs(api.url, r.json()["jobs"], timeout=180)
+        version = model_version(api, project)
+    assert all(info["status"] == "finished" for info in final.values()), final
+    check_one_prediction_each(e2e, ls, project, task_group, version)
+    results = {info["result"]["group"].split("=", 1)[1]: info["result"] for info in final.values()}
+    return project, task_group, results
+
+
+def test_a_worker_reads_the_next_groups_images_while_it_computes(
+    label_studio: Any, redis_db: str, tmp_path: Path, start_backend: Any, start_worker: Any, e2e: Any
+) -> None:
+    env = {"REDIS_URL": redis_db, "COSOD_QUEUE": "cosod-e2e-ahead", "MODEL_DIR": str(tmp_path / "model")}
+    # each pipeline call takes a second longer, so the next group's images are surely in by its start
+    run = _run_with_one_worker(label_studio, e2e, tmp_path, start_backend, start_worker, env, slow_s=1.0)
+    results = run[2]
+    assert {g: r["images_read_ahead"] for g, r in results.items()} == {"a": 0, "b": 3, "c": 2}
+    assert all(r["pushed"] == r["total"] and r["timings"]["pipeline"] >= 1.0 for r in results.values())
+
+
+def test_workers_read_uploads_from_label_studios_media_folder(
+    label_studio: Any, redis_db: str, tmp_path: Path, start_backend: Any, start_worker: Any, e2e: Any
+) -> None:
+    ls = label_studio
+    media = Path(ls.log).parent / "ls-data" / "media"  # Label Studio's MEDIA_ROOT in the fixture's data dir
+    downloads = Path(ls.log).read_text(errors="replace").count("GET /data/upload/")
+    env = {
+        "REDIS_URL": redis_db,
+        "COSOD_QUEUE": "cosod-e2e-media",
+        "MODEL_DIR": str(tmp_path / "model"),
+        "COSOD_LS_MEDIA_ROOT": str(media),
+    }
+    project, *_ = _run_with_one_worker(ls, e2e, tmp_path, start_backend, start_worker, env)
+    assert (media / "upload" / str(project)).is_dir()
+    assert Path(ls.log).read_text(errors="replace").count("GET /data/upload/") == downloads
