@@ -34,6 +34,10 @@ Environment variables (primary name, then aliases) -> field, default:
   exponential backoff starting at 2 s (2, 4, 8 s)
 - COSOD_WORKER_HEARTBEAT -> worker_heartbeat, 10 s: a worker silent for twice this (plus 1 s) is taken as
   dead and its job is re-queued
+- COSOD_WORKER_GPU -> worker_gpu, unset: a worker uses the GPUs CUDA_VISIBLE_DEVICES shows it; auto: it
+  claims one free GPU of its machine in Redis and shows itself only that one (replicas of one compose service)
+- COSOD_WORKERS_PER_GPU -> workers_per_gpu, 1 / COSOD_GPU_POOL -> gpu_pool, default (one name per machine
+  when workers of several machines share a Redis)
 - COSOD_TRAIN_EVERY -> train_every, 10: new corrections in a project before a fine-tune is enqueued
 - COSOD_PROMOTE_METRIC / COSOD_PROMOTE_MARGIN -> promote_metric, iou / promote_margin, 0.005: a candidate
   replaces the active version only if it beats it on the held-out corrections by more than the margin
@@ -115,6 +119,9 @@ class Settings:
     job_attempts: int = 4
     job_backoff: float = 2.0
     worker_heartbeat: int = 10
+    worker_gpu: str | None = None
+    workers_per_gpu: int = 1
+    gpu_pool: str = "default"
     train_every: int = 10
     promote_metric: str = "iou"
     promote_margin: float = 0.005
@@ -145,6 +152,7 @@ class Settings:
             "job_failure_ttl",
             "job_attempts",
             "worker_heartbeat",
+            "workers_per_gpu",
             "train_every",
             "finetune_steps",
             "finetune_min_corrections",
@@ -169,6 +177,14 @@ class Settings:
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(
                 f"REDIS_URL must start with redis://, rediss:// or unix://, got {self.redis_url!r}"
+            )
+        if self.worker_gpu not in (None, "auto"):
+            raise ValueError(f"COSOD_WORKER_GPU must be 'auto' or unset, got {self.worker_gpu!r}")
+        if self.worker_gpu == "auto" and not self.device.startswith("cuda"):
+            raise ValueError(f"COSOD_WORKER_GPU=auto needs COSOD_DEVICE=cuda, got {self.device!r}")
+        if not self.gpu_pool or not all(c.isalnum() or c in "-_." for c in self.gpu_pool):
+            raise ValueError(
+                f"COSOD_GPU_POOL must be letters, digits, '-', '_' or '.', got {self.gpu_pool!r}"
             )
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ValueError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
@@ -253,6 +269,9 @@ class Settings:
             job_attempts=integer("COSOD_JOB_ATTEMPTS", 4),
             job_backoff=number("COSOD_JOB_BACKOFF", 2.0),
             worker_heartbeat=integer("COSOD_WORKER_HEARTBEAT", 10),
+            worker_gpu=(first("COSOD_WORKER_GPU") or "").lower() or None,
+            workers_per_gpu=integer("COSOD_WORKERS_PER_GPU", 1),
+            gpu_pool=first("COSOD_GPU_POOL") or "default",
             train_every=integer("COSOD_TRAIN_EVERY", 10),
             promote_metric=first("COSOD_PROMOTE_METRIC") or "iou",
             promote_margin=number("COSOD_PROMOTE_MARGIN", 0.005),

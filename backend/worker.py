@@ -2,6 +2,9 @@
 
 Run one per GPU: ``CUDA_VISIBLE_DEVICES=0 COSOD_DEVICE=cuda REDIS_URL=redis://... cosod-worker``. The
 process sees only the GPUs ``CUDA_VISIBLE_DEVICES`` names (torch honours it), so ``cuda`` is that GPU.
+Replicas of one service (``docker compose up --scale worker=N``) run with ``COSOD_WORKER_GPU=auto``
+instead: each claims a free GPU of its machine in Redis and sets ``CUDA_VISIBLE_DEVICES`` to it before the
+pipeline loads (``backend/gpu.py``).
 
 **No fork.** The worker class is a subclass of RQ's ``SimpleWorker``: jobs run in the worker process itself,
 never in a forked child. The pipeline (and CUDA, with ``COSOD_DEVICE=cuda``) is loaded once at start, before
@@ -27,6 +30,7 @@ import threading
 import uuid
 from typing import Any
 
+from .gpu import GPUClaimError, claim_gpu, visible_gpus
 from .jobs import JobContext, install_context
 from .loader import PipelineFactory
 from .queue import redis_connection
@@ -119,6 +123,40 @@ def main(argv: list[str] | None = None, pipeline_factory: PipelineFactory | None
         print(f"cosod-worker: Redis at {settings.redis_url} is unreachable: {exc}", file=sys.stderr)
         return 2
 
+    name = args.name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+    slot = None
+    if settings.worker_gpu == "auto":  # before anything initialises CUDA
+        try:
+            slot = claim_gpu(
+                conn,
+                name,
+                visible_gpus(),
+                pool=settings.gpu_pool,
+                per_gpu=settings.workers_per_gpu,
+                ttl=3 * settings.worker_heartbeat,
+                wait=3 * settings.worker_heartbeat + 1,
+            )
+        except GPUClaimError as exc:
+            print(f"cosod-worker: {exc}", file=sys.stderr)
+            return 2
+        os.environ["CUDA_VISIBLE_DEVICES"] = slot.gpu
+        slot.keep(settings.worker_heartbeat)
+        log.info("cosod-worker %s: GPU %s (slot %s)", name, slot.gpu, slot.key)
+    try:
+        return _serve(settings, queue_name, conn, name, args.burst, pipeline_factory)
+    finally:
+        if slot is not None:
+            slot.release()
+
+
+def _serve(
+    settings: Settings,
+    queue_name: str,
+    conn: Any,
+    name: str,
+    burst: bool,
+    pipeline_factory: PipelineFactory | None,
+) -> int:
     log.info(
         "cosod-worker: backbone %s on %s (CUDA_VISIBLE_DEVICES=%s), queue %s",
         settings.backbone,
@@ -136,7 +174,6 @@ def main(argv: list[str] | None = None, pipeline_factory: PipelineFactory | None
 
     from rq import Queue
 
-    name = args.name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
     cls = worker_class(settings.worker_heartbeat)
     worker = cls([Queue(queue_name, connection=conn)], connection=conn, name=name)
     stop = threading.Event()
@@ -145,7 +182,7 @@ def main(argv: list[str] | None = None, pipeline_factory: PipelineFactory | None
     )
     reaper.start()
     try:
-        worker.work(burst=args.burst, logging_level=settings.log_level, with_scheduler=False)
+        worker.work(burst=burst, logging_level=settings.log_level, with_scheduler=False)
     finally:
         stop.set()
     return 0

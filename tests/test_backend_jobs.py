@@ -98,12 +98,18 @@ def test_compose_file_has_every_service_and_a_gpu_worker() -> None:
     assert {"label-studio", "redis", "backend", "worker", "rq-dashboard"} <= set(services)
     assert services["label-studio"]["image"].startswith("heartexlabs/label-studio:1.23")
     (device,) = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu", "utility"]
     assert services["worker"]["command"] == ["cosod-worker"] and "ports" not in services["worker"]
+    # replicas get the same reservation: each sees every GPU and claims one in Redis
+    assert device["count"] == "all" and services["worker"]["environment"]["COSOD_WORKER_GPU"] == "auto"
+    ls_data = next(v for v in services["label-studio"]["volumes"] if v.endswith(":/label-studio/data"))
     for name in ("backend", "worker"):
         mounts = {v.split(":")[1] for v in services[name]["volumes"]}
         assert {"/data/models", "/data/features", "/opt/cosod/weights"} <= mounts
         assert services[name]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+        # uploads are read from Label Studio's media folder, mounted read-only
+        assert f"{ls_data}:ro" in services[name]["volumes"]
+        assert services[name]["environment"]["COSOD_LS_MEDIA_ROOT"] == "/label-studio/data/media"
     dockerfile = (REPO / "Dockerfile").read_text()
     assert "ARG COSOD_FETCH_WEIGHTS" in dockerfile and "cosod weights fetch" in dockerfile
 
