@@ -199,13 +199,11 @@ class LabelStudioClient:
             return hit[1]
         from label_studio_sdk.core.api_error import ApiError
 
-        client = self.sdk()
+        self.sdk()  # not configured: that LabelStudioError as it is, not "unreachable"
         try:
             options = {"max_retries": sdk_retries} if sdk_retries is not None else None
-            pager = client.tasks.list(
-                project=project_id, fields="task_only", page_size=500, request_options=options
-            )
-            tasks = [TaskRef(int(t.id), dict(t.data or {})) for t in pager]
+            listed = self._list_tasks(options, project=project_id, fields="task_only", page_size=500)
+            tasks = [TaskRef(int(t.id), dict(t.data or {})) for t in listed]
         except ApiError as exc:
             if exc.status_code == 404:
                 raise UnknownProjectError(f"Label Studio has no project {project_id}") from None
@@ -229,6 +227,21 @@ class LabelStudioClient:
             self._tasks[project_id] = (now, tasks)
         return tasks
 
+    def _list_tasks(self, request_options: Any, **params: Any) -> list[Any]:
+        """Every task a task-list request matches, page after page until the answer's total (the SDK's own
+        pager asks for one page more than there is)."""
+        client = self.sdk()
+        out: list[Any] = []
+        number = 1
+        while True:
+            page = client.tasks.list(page=number, request_options=request_options, **params)
+            items = list(page.items or [])
+            out.extend(items)
+            total = getattr(page.response, "total", None)
+            if not items or not isinstance(total, int) or len(out) >= total:
+                return out
+            number += 1
+
     def label_config(self, project_id: int) -> str:
         """The project's label config XML, from Label Studio (UnknownProjectError when it has none)."""
         try:
@@ -249,7 +262,7 @@ class LabelStudioClient:
         or a server that leaves the column out, gets ``versions=None`` (ask :meth:`task_has_prediction`)."""
         ids = sorted({int(i) for i in task_ids})
         out: dict[int, TaskState] = {}
-        client = self.sdk()
+        self.sdk()  # not configured: that LabelStudioError as it is
         for start in range(0, len(ids), IDS_PER_REQUEST):
             chunk = ids[start : start + IDS_PER_REQUEST]
             query = json.dumps(
@@ -258,16 +271,15 @@ class LabelStudioClient:
                     "ordering": ["tasks:predictions_model_versions"],
                 }
             )
-            try:
-                page = client.tasks.list(
+            try:  # one page holds the chunk unless the server caps page sizes (TASK_API_PAGE_SIZE_MAX)
+                listed = self._list_tasks(
+                    NO_SDK_RETRY,
                     project=project_id,
                     fields="task_only",
                     include="id,data,predictions_model_versions",
                     query=query,
                     page_size=len(chunk),
-                    request_options=NO_SDK_RETRY,
                 )
-                listed = list(page.items or [])  # one page holds the chunk: no request for a next page
             except Exception as exc:
                 raise _sdk_error(
                     exc,

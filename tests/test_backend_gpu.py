@@ -12,25 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis_db import flushed, url
 
 from backend.gpu import SLOT_KEY, GPUClaimError, claim_gpu, visible_gpus
 
 REPO = Path(__file__).resolve().parents[1]
-URL = "redis://127.0.0.1:6379/12"
+URL = url(12)
 
 
 @pytest.fixture
 def conn() -> Iterator[Any]:
-    import redis
-
-    client = redis.Redis.from_url(URL)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis on 127.0.0.1:6379 ({exc})")
-    client.flushdb()
-    yield client
-    client.flushdb()
+    with flushed(12) as client:
+        yield client
 
 
 def test_visible_gpus_come_from_cuda_visible_devices() -> None:

@@ -249,3 +249,20 @@ def test_images_read_ahead_are_used_once_and_checked_like_downloads(fake_ls) -> 
     c.ahead.put("/data/upload/1/b.png", png(20, 10))
     with pytest.raises(ImageRefusedError, match="over the limit of 150"):
         c.read_image("/data/upload/1/b.png", 2)
+
+
+def test_tasks_with_versions_follow_pages_when_the_server_caps_their_size(fake_ls) -> None:
+    tasks = [
+        {"id": i, "data": {"image": f"/data/upload/1/{i}.png"}, "predictions_model_versions": "m"}
+        for i in (5, 6, 7)
+    ]
+
+    def capped(query, headers):  # like TASK_API_PAGE_SIZE_MAX=2
+        selected = json.loads(query["query"][0])["selectedItems"]
+        assert selected == {"all": False, "included": [5, 6, 7]}
+        return _tasks_route(tasks)({**query, "page_size": ["2"]}, headers)
+
+    fake_ls.add_handler("/api/tasks/", capped)
+    states = client(fake_ls).tasks_with_versions(1, [7, 6, 5])
+    assert [(s.task.id, s.versions) for s in states] == [(5, {"m"}), (6, {"m"}), (7, {"m"})]
+    assert len(fake_ls.seen) == 2 and "page=2" in fake_ls.seen[1][0]

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import redis
+from redis_db import flushed, url
 
 from backend.app import create_app
 from backend.brush import brush_region
@@ -16,19 +16,13 @@ from backend.registry import Registry
 from backend.settings import Settings
 from backend.store import Store
 
-REDIS_URL = "redis://127.0.0.1:6379/11"
+REDIS_URL = url(11)
 
 
 @pytest.fixture
 def redis_url():
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis on 127.0.0.1:6379 ({exc})")
-    client.flushdb()
-    yield REDIS_URL
-    client.flushdb()
+    with flushed(11):
+        yield REDIS_URL
 
 
 def annotation_event(project: int, task: int, annotation: int, rng: np.random.Generator) -> dict:

@@ -375,17 +375,10 @@ def predictions_by_task(ls: Server, project: int) -> dict[int, list[dict[str, An
 @pytest.fixture(scope="session")
 def redis_db() -> Iterator[str]:
     """``redis://127.0.0.1:6379/13``, flushed before and after the session's use."""
-    import redis
+    from redis_db import flushed, url
 
-    url = "redis://127.0.0.1:6379/13"
-    client = redis.Redis.from_url(url)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis on 127.0.0.1:6379 ({exc})")
-    client.flushdb()
-    yield url
-    client.flushdb()
+    with flushed(13):
+        yield url(13)
 
 
 @pytest.fixture(scope="session")
