@@ -1,9 +1,9 @@
 """Job functions: small, idempotent functions of ids, run by ``backend/queue.py`` (RQ worker or in-process).
 
 - :func:`prelabel_project` (runs where it is called, e.g. in the API): lists the project's groups and enqueues
-  one :func:`prelabel_group` per group, with the id ``prelabel-p<project>-<12 hex of the group>-<model
-  version>``. Asking twice enqueues nothing new: a job with that id that is queued, running or finished is
-  left alone.
+  one :func:`prelabel_group` per group, with the id ``prelabel-p<project>-<12 hex of the group and its task
+  ids>-<model version>``. Asking twice enqueues nothing new: a job with that id that is queued, running or
+  finished is left alone. A group whose tasks changed since gets a new job, which skips what is predicted.
 - :func:`prelabel_group` (runs on a worker): gets the group's tasks (the ids listed at enqueue time) with
   the model versions of their predictions in one Data Manager request per 200 tasks, computes the tasks
   without a prediction of this version with the process's pipeline (loaded once), and stores their
@@ -32,7 +32,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -129,10 +129,13 @@ def _project(ctx: JobContext, project_id: int, attempts: int | None = None) -> P
     return ctx.model.project(project_id, config)
 
 
-def group_job_id(project_id: int, key: GroupKey, model_version: str) -> str:
-    """``prelabel-p<project>-<12 hex of the group's rule and value>-<model version>``."""
-    digest = hashlib.sha256(f"{key.rule}\x00{key.value}".encode()).hexdigest()[:12]
-    return f"prelabel-p{project_id}-{digest}-{model_version}"
+def group_job_id(project_id: int, key: GroupKey, model_version: str, task_ids: Iterable[int] = ()) -> str:
+    """``prelabel-p<project>-<12 hex of the group's rule, value and task ids>-<model version>``: asking again
+    for an unchanged group finds its job; a group with tasks added or removed since gets a new one."""
+    h = hashlib.sha256(f"{key.rule}\x00{key.value}".encode())
+    for task_id in sorted(set(task_ids)):
+        h.update(f"\x00{task_id}".encode())
+    return f"prelabel-p{project_id}-{h.hexdigest()[:12]}-{model_version}"
 
 
 def enqueue_prelabel(
@@ -177,7 +180,7 @@ def enqueue_prelabel(
                 key,
                 version,
                 ids,
-                job_id=group_job_id(project_id, key, version),
+                job_id=group_job_id(project_id, key, version, ids),
                 timeout=s.job_timeout,
                 result_ttl=s.job_result_ttl,
                 failure_ttl=s.job_failure_ttl,

@@ -68,6 +68,10 @@ def test_job_ids_are_deterministic_and_distinct() -> None:
         group_job_id(3, GroupKey("field:group", "cats"), "scosparc-p3-ffffffff"),
     }
     assert a not in others and len(others) == 5
+    key = GroupKey("field:group", "cats")
+    with_tasks = group_job_id(3, key, "v", [12, 10, 11])
+    assert with_tasks == group_job_id(3, key, "v", [10, 11, 12, 11])  # the same members, in any order
+    assert with_tasks != group_job_id(3, key, "v", [10, 11, 12, 13])  # a task added: a new job
 
 
 def _run(args: list[str], **env: str) -> subprocess.CompletedProcess:

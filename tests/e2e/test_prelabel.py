@@ -129,6 +129,19 @@ def test_prelabel_on_rq_workers(label_studio: Any, rq_backend: Any, e2e: Any) ->
     assert info["status"] == "finished" and info["result"]["pushed"] == 0 and info["result"]["skipped"] == 12
     check_one_prediction_each(e2e, ls, project, task_group, version)
 
+    # a task imported into a group later: asking again makes a new job for that group only
+    reds = sorted(t for t, g in task_group.items() if g == "reds")
+    image = e2e.ls_api(ls, "GET", f"/api/tasks/{reds[0]}")["data"]["image"]
+    e2e.ls_api(ls, "POST", f"/api/projects/{project}/import", json=[{"image": image, "group": "reds"}])
+    listed = e2e.ls_api(ls, "GET", f"/api/tasks?project={project}&page_size=100")["tasks"]
+    added = max(t["id"] for t in listed)
+    later = requests.post(f"{api.url}/jobs/prelabel", json={"project": project}, timeout=60).json()
+    assert len(later["created"]) == 1 and len(later["existing"]) == 2, later
+    (info,) = wait_jobs(api.url, later["created"]).values()
+    assert info["status"] == "finished" and info["result"]["group"] == "field:group=reds", info
+    assert (info["result"]["pushed"], info["result"]["skipped"]) == (1, 4)
+    check_one_prediction_each(e2e, ls, project, {**task_group, added: "reds"}, version)
+
 
 def test_bad_job_requests_answer_4xx_json(label_studio: Any, rq_backend: Any, e2e: Any) -> None:
     api = rq_backend
