@@ -316,16 +316,6 @@ class LabelStudioClient:
             ) from None
         return int(resp.created or 0)
 
-    def predicted_task_ids(self, project_id: int, model_version: str) -> set[int]:
-        """Ids of the project's tasks that have a prediction of ``model_version``."""
-        try:
-            preds = self.sdk().predictions.list(project=project_id, request_options=NO_SDK_RETRY)
-        except Exception as exc:
-            raise _sdk_error(
-                exc, f"listing the predictions of project {project_id}", self.settings.label_studio_url
-            ) from None
-        return {int(p.task) for p in preds if p.model_version == model_version and p.task is not None}
-
     def task_has_prediction(self, task_id: int, model_version: str) -> bool:
         """Whether the task has a prediction of ``model_version`` (one small request per task)."""
         try:
@@ -448,18 +438,7 @@ class LabelStudioClient:
             raise ImageRefusedError(f"{url}: outside the local-files root {root} ({exc})") from None
         if path is None or not os.path.realpath(path).startswith(os.path.realpath(root) + os.sep):
             raise ImageRefusedError(f"{url}: outside the local-files root {root}")
-        try:
-            size = os.path.getsize(path)
-            if size > self.settings.max_image_bytes:
-                raise ImageRefusedError(
-                    f"{url}: {size} bytes is over the limit of {self.settings.max_image_bytes} bytes"
-                )
-            with open(path, "rb") as fh:
-                return fh.read()
-        except ImageRefusedError:
-            raise
-        except OSError as exc:
-            raise ImageFetchError(f"{url}: cannot read the local file ({exc.strerror or exc})") from None
+        return self._read_file(path, url)
 
     def _read_media(self, relative: str, shown: str) -> bytes | None:
         """An upload straight from Label Studio's media folder (``COSOD_LS_MEDIA_ROOT``); None when the file
@@ -471,18 +450,22 @@ class LabelStudioClient:
                 self._media_miss_logged = True
                 log.warning("%s is not in COSOD_LS_MEDIA_ROOT=%s; downloading uploads instead", shown, root)
             return None
+        return self._read_file(path, shown)
+
+    def _read_file(self, path: str, shown: str) -> bytes:
+        """A file's bytes, refused over the byte limit before reading."""
         try:
-            if os.path.getsize(path) > self.settings.max_image_bytes:
+            size = os.path.getsize(path)
+            if size > self.settings.max_image_bytes:
                 raise ImageRefusedError(
-                    f"{shown}: {os.path.getsize(path)} bytes is over the limit of "
-                    f"{self.settings.max_image_bytes} bytes"
+                    f"{shown}: {size} bytes is over the limit of {self.settings.max_image_bytes} bytes"
                 )
             with open(path, "rb") as fh:
                 return fh.read()
         except ImageRefusedError:  # a PermissionError, so an OSError too
             raise
         except OSError as exc:
-            raise ImageFetchError(f"{shown}: cannot read {path} ({exc.strerror or exc})") from None
+            raise ImageFetchError(f"{shown}: cannot read the local file ({exc.strerror or exc})") from None
 
     def _download(self, path: str, shown: str, *, follow_redirects: bool = False) -> bytes:
         s = self.settings
