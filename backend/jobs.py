@@ -283,17 +283,13 @@ def _prelabel_group(
     done = total - len(todo)
     jobqueue.report_progress(done, total)
     pushed, skipped, failed = 0, len(have), []
-    chunk = max(1, s.max_group_images - s.max_refs) if total > s.max_group_images else max(1, total)
     by_id = {t.id: t for t in group}
-    starts = list(range(0, len(todo), chunk))
-    for n, start in enumerate(starts):
-        part = todo[start : start + chunk]
-        subset = choose_subset(list(by_id), [t.id for t in part], k=s.max_refs, limit=s.max_group_images)
+    plan = _chunks(s, list(by_id), [t.id for t in todo])
+    for n, (part_ids, subset) in enumerate(plan):
+        part = [by_id[i] for i in part_ids]
         ahead: Callable[[], None] | None = None
-        if s.read_ahead and n + 1 < len(starts):
-            after = todo[starts[n + 1] : starts[n + 1] + chunk]
-            nxt = choose_subset(list(by_id), [t.id for t in after], k=s.max_refs, limit=s.max_group_images)
-            ahead = partial(_read_ahead, ctx, [by_id[i] for i in nxt], project.config.image_key)
+        if s.read_ahead and n + 1 < len(plan):
+            ahead = partial(_read_ahead, ctx, [by_id[i] for i in plan[n + 1][1]], project.config.image_key)
         elif s.read_ahead:
             ahead = partial(_read_ahead_next_job, ctx)
         timed = _Timed(pipeline, on_start=ahead)
@@ -347,6 +343,15 @@ def _prelabel_group(
         "timings": timings,
         "images_read_ahead": ctx.ls.ahead.hits - hits_before,
     }
+
+
+def _chunks(s: Settings, group: list[int], todo: list[int]) -> list[tuple[list[int], list[int]]]:
+    """How a group's ``todo`` task ids are computed: ``(the chunk's ids, the ids computed with them)``.
+    A group of at most ``COSOD_MAX_GROUP_IMAGES`` is one chunk computed whole; a larger one goes in chunks
+    of that size less ``COSOD_MAX_REFS``, each computed with ``COSOD_MAX_REFS`` references."""
+    size = max(1, s.max_group_images - s.max_refs) if len(group) > s.max_group_images else max(1, len(group))
+    parts = [todo[i : i + size] for i in range(0, len(todo), size)]
+    return [(p, choose_subset(group, p, k=s.max_refs, limit=s.max_group_images)) for p in parts]
 
 
 def _predicted(ctx: JobContext, states: Sequence[TaskState], model_version: str) -> set[int]:
@@ -462,13 +467,10 @@ def _read_ahead_next_job(ctx: JobContext) -> None:
             project_id, _, version, ids = nxt[1][:4]
             project = ctx.model.project(project_id)
             states = ctx.ls.tasks_with_versions(project_id, ids)
-            s = ctx.settings
-            group = [st.task.id for st in states]
-            first = [st.task.id for st in states if not st.has(version)]
-            if len(group) > s.max_group_images:
-                first = first[: max(1, s.max_group_images - s.max_refs)]
-            subset = set(choose_subset(group, first, k=s.max_refs, limit=s.max_group_images))
-            tasks = [st.task for st in states if st.task.id in subset]
+            todo = [st.task.id for st in states if not st.has(version)]
+            plan = _chunks(ctx.settings, [st.task.id for st in states], todo)
+            first = set(plan[0][1]) if plan else set()
+            tasks = [st.task for st in states if st.task.id in first]
             log.debug(
                 "read %d images of job %s ahead", _fill_ahead(ctx, tasks, project.config.image_key), nxt[0]
             )
