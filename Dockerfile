@@ -5,8 +5,8 @@
 #
 # COSOD_FETCH_WEIGHTS is a space-separated list of backbone names (see `cosod weights list`); each is fetched
 # at build time with `cosod weights fetch NAME` into /opt/cosod/weights, so no container downloads weights
-# at run time. The CUDA wheels of torch come from PyPI (they bundle the CUDA runtime); the host needs only
-# the NVIDIA driver and the container toolkit.
+# at run time. torch is the lock's (requirements/deploy.txt): PyPI's Linux wheel, which bundles the CUDA runtime
+# as nvidia-* wheels; the host needs only the NVIDIA driver and the container toolkit.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -24,11 +24,15 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/cosod/app
+# The dependencies first, from the lock (exact versions, hash-checked; `make lock` writes it), so that a code
+# change does not reinstall torch. Then the package itself, with nothing resolved on the day.
+COPY requirements/deploy.txt ./requirements/deploy.txt
+RUN pip install --require-hashes --no-deps -r requirements/deploy.txt
 COPY pyproject.toml README.md ./
 COPY cosod ./cosod
 COPY backend ./backend
 COPY label_config ./label_config
-RUN pip install --upgrade pip && pip install '.[backend]'
+RUN pip install --no-deps --no-build-isolation . && pip check
 
 ARG COSOD_FETCH_WEIGHTS=""
 RUN mkdir -p "$COSOD_WEIGHTS_DIR" \

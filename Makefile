@@ -4,6 +4,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# The lock: exact versions and hashes of every runtime, backend and dev dependency (LOCK) and of the Label
+# Studio venv of the end-to-end tests (LS_LOCK), made by `make lock` from pyproject.toml's ranges.
+# uv makes them (4 s; pip-compile hashes every platform's files by downloading them: over 5 min here).
+LOCK := requirements/lock.txt
+LS_LOCK := requirements/label-studio.txt
+# The Docker image installs DEPLOY_LOCK: runtime and backend only, at LOCK's pins.
+DEPLOY_LOCK := requirements/deploy.txt
+LOCK_FLAGS := --quiet --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	--custom-compile-command 'make lock'
+
 # The embedded defaults of `make run` (override on the command line: make run PORT=9091).
 PORT ?= 9090
 HOST ?= 127.0.0.1
@@ -14,25 +24,26 @@ export COSOD_BACKBONE
 
 # Label Studio for the end-to-end tests lives in its own venv: it pins its own SDK and Django.
 LS_VENV ?= .venv-ls
-LS_VERSION ?= 1.23.2
 export LS_BIN ?= $(abspath $(LS_VENV))/bin/label-studio
 
-.PHONY: install run worker test lint typecheck bench clean ls-venv
+.PHONY: install run worker test test-latest lock lint typecheck bench clean ls-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[backend,dev]'
+# Every install is from the lock: exact versions, checked against their hashes, nothing resolved on the day.
+$(STAMP): $(LOCK) pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $@
 
 install: $(STAMP)
 
-$(LS_VENV)/.installed:
+$(LS_VENV)/.installed: $(LS_LOCK)
 	$(PYTHON) -m venv $(LS_VENV)
-	$(LS_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(LS_VENV)/bin/python -m pip install --quiet label-studio==$(LS_VERSION)
+	$(LS_VENV)/bin/python -m pip install --quiet --require-hashes --no-deps -r $(LS_LOCK)
+	$(LS_VENV)/bin/python -m pip check
 	touch $@
 
 ls-venv: $(LS_VENV)/.installed
@@ -51,6 +62,27 @@ worker: install
 test: install ls-venv
 	$(BIN)/python -m pytest -q
 
+# Regenerate the lock from pyproject.toml's ranges (and requirements/caps.txt, this machine's torch cap). Pins that
+# still satisfy the ranges are kept; `make lock UPGRADE=1` moves every package to its newest allowed release.
+lock: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet "uv==$$(sed -n 's/^uv==\([^ ]*\).*/\1/p' $(LOCK))"
+	$(BIN)/uv pip compile pyproject.toml requirements/build.in --extra backend --extra dev -c requirements/caps.txt \
+		$(LOCK_FLAGS) $(if $(UPGRADE),--upgrade) -o $(LOCK)
+	$(BIN)/uv pip compile pyproject.toml requirements/build.in --extra backend -c $(LOCK) $(LOCK_FLAGS) -o $(DEPLOY_LOCK)
+	$(BIN)/uv pip compile requirements/label-studio.in $(LOCK_FLAGS) $(if $(UPGRADE),--upgrade) -o $(LS_LOCK)
+
+# The whole suite on the newest releases that pyproject.toml's ranges allow (no lock), in a throw-away venv.
+# What it resolved is in $(LATEST_VENV)/resolved.txt; the lines that differ from the lock are printed first.
+LATEST_VENV ?= .venv-latest
+test-latest: ls-venv
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[backend,dev]'
+	$(LATEST_VENV)/bin/python -m pip check
+	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable > $(LATEST_VENV)/resolved.txt
+	$(LATEST_VENV)/bin/python requirements/newer.py $(LOCK) $(LATEST_VENV)/resolved.txt
+	COSOD_TEST_UNLOCKED=1 $(LATEST_VENV)/bin/python -m pytest -q
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -63,4 +95,4 @@ bench: install
 	$(BIN)/python bench/predict.py
 
 clean:
-	rm -rf $(VENV) $(LS_VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info
+	rm -rf $(VENV) $(LS_VENV) $(LATEST_VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info
