@@ -131,9 +131,9 @@ def _iso(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, (int, float)):
-        value = dt.datetime.fromtimestamp(value, tz=dt.timezone.utc)
+        value = dt.datetime.fromtimestamp(value, tz=dt.UTC)
     if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
+        value = value.replace(tzinfo=dt.UTC)
     return value.isoformat(timespec="milliseconds")
 
 
@@ -449,6 +449,28 @@ def redis_connection(url: str) -> Any:
     )
 
 
+def _delete_job(job: Any) -> None:
+    """``job.delete()``, also for a job whose worker was killed.
+
+    rq 3 keeps an execution's id in the job's execution registry 60 s longer than the execution's own hash
+    (the registry's score is the hash's TTL + 60), and ``Job.delete`` fetches every listed execution, so for
+    about a minute after a killed worker's execution expired it raises ``ValueError: Execution ... not found
+    in Redis``. The ids whose hash is gone are dropped from the registry first; the rest is rq's own delete.
+    ``tests/test_backend_queue_rq.py`` fails if this layout changes.
+    """
+    from rq.executions import Execution, ExecutionRegistry
+
+    registry = ExecutionRegistry(job_id=job.id, connection=job.connection)
+    stale = [
+        eid
+        for eid in registry.get_execution_ids()
+        if not job.connection.exists(Execution(id=eid, job_id=job.id, connection=job.connection).key)
+    ]
+    if stale:
+        job.connection.zrem(registry.key, *stale)
+    job.delete()
+
+
 class RQQueue:
     """Jobs on the RQ queue ``settings.queue_name``; ``cosod-worker`` processes run them."""
 
@@ -517,7 +539,7 @@ class RQQueue:
                     status = _status(old)
                     if status in ACTIVE or (keep_finished and status == "finished"):
                         return Enqueued(job_id, False)
-                    old.delete()  # failed, canceled or stopped: replace it
+                    _delete_job(old)  # failed, canceled or stopped: replace it
             raise JobQueueError(f"could not enqueue job {job_id!r}: it kept changing state")
         except redis.RedisError as exc:
             raise self._unavailable(exc) from None

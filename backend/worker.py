@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -93,6 +94,10 @@ def _reaper(connection: Any, queue_name: str, interval: int, stop: threading.Eve
             log.warning("reaping abandoned jobs failed (retrying in %d s): %s", interval, exc)
 
 
+def _stop_while_starting(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cosod-worker", description=__doc__.split("\n\n")[0])
     p.add_argument("--queue", help="queue to serve (default: COSOD_QUEUE or 'cosod')")
@@ -124,6 +129,10 @@ def main(argv: list[str] | None = None, pipeline_factory: PipelineFactory | None
         return 2
 
     name = args.name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+    # Until RQ installs its own handlers (warm shutdown) in ``work()``, a stop request (``docker stop``, a
+    # supervisor) must still unwind through the ``finally`` below, so that the GPU slot is released at once
+    # rather than after its TTL; Python's default would end the process on the spot.
+    signal.signal(signal.SIGTERM, _stop_while_starting)
     slot = None
     if settings.worker_gpu == "auto":  # before anything initialises CUDA
         try:

@@ -69,14 +69,16 @@ def test_a_dead_workers_slot_frees_after_its_ttl_and_renewals_keep_it(conn: Any)
     assert conn.get(alive.key) is None and conn.get(taken.key) == b"replacement"
 
 
-def _worker(tmp_path: Path, name: str, env: dict[str, str]) -> subprocess.Popen:
-    """A cosod-worker whose pipeline factory records the CUDA_VISIBLE_DEVICES it was loaded under."""
+def _worker(tmp_path: Path, name: str, env: dict[str, str], load_seconds: float = 0.0) -> subprocess.Popen:
+    """A cosod-worker whose pipeline factory records the CUDA_VISIBLE_DEVICES it was loaded under, then takes
+    at least ``load_seconds`` to load."""
     code = (
-        "import os, sys\n"
+        "import os, sys, time\n"
         "import backend.worker as w\n"
         "from backend.loader import build_pipeline\n"
         "def factory(s):\n"
         f"    open({str(tmp_path / name)!r}, 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>'))\n"
+        f"    time.sleep({load_seconds})\n"
         "    return build_pipeline(s.with_(device='cpu', worker_gpu=None))\n"
         "sys.exit(w.main(sys.argv[1:], pipeline_factory=factory))\n"
     )
@@ -131,6 +133,11 @@ def test_replicas_of_one_worker_service_each_get_a_gpu(conn: Any, tmp_path: Path
         )
         assert third.returncode == 2 and "all 2 GPU slots of pool 'default' are taken" in third.stderr
         assert len(third.stderr.strip().splitlines()) == 1
+        from rq import Worker
+
+        while sorted(w.name for w in Worker.all(connection=conn)) != ["w0", "w1"]:  # serving the queue
+            assert time.monotonic() < deadline, [(tmp_path / f"w{i}.log").read_text() for i in range(2)]
+            time.sleep(0.2)
     finally:
         for p in procs:
             p.terminate()
@@ -147,3 +154,22 @@ def test_auto_needs_cuda() -> None:
         Settings.from_env({"COSOD_WORKER_GPU": "first", "COSOD_DEVICE": "cuda"})
     s = Settings.from_env({"COSOD_WORKER_GPU": "AUTO", "COSOD_DEVICE": "cuda", "COSOD_WORKERS_PER_GPU": "2"})
     assert (s.worker_gpu, s.workers_per_gpu, s.gpu_pool) == ("auto", 2, "default")
+
+
+@pytest.mark.slow
+def test_a_worker_stopped_while_it_loads_releases_its_gpu(conn: Any, tmp_path: Path) -> None:
+    """SIGTERM before RQ's own handlers are installed (the pipeline still loading) unwinds and frees the slot
+    at once; the default handler would end the process and leave the slot taken for its TTL."""
+    proc = _worker(tmp_path, "slow", {"COSOD_WORKER_HEARTBEAT": "30"}, load_seconds=60)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "slow").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "slow.log").read_text()
+            time.sleep(0.1)
+        assert conn.keys("cosod:gpu:*") == [b"cosod:gpu:default:4:0"]
+        proc.terminate()
+        assert proc.wait(20) == 128 + 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert conn.keys("cosod:gpu:*") == []

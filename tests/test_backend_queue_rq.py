@@ -172,6 +172,46 @@ def test_a_killed_workers_job_is_run_again_by_another(q: RQQueue, tmp_path: Path
     assert time.monotonic() - t0 < 45
 
 
+def test_a_killed_job_without_retries_can_be_asked_again_at_once(q: RQQueue, tmp_path: Path) -> None:
+    """rq 3 still lists a killed worker's execution for 60 s after the execution's record expired, and its
+    ``Job.delete`` then raised ``ValueError: Execution ... not found in Redis``: asking again for the failed
+    job answered 400 for a minute. The first assertions check that this layout is still rq's."""
+    from rq.executions import Execution, ExecutionRegistry
+
+    q.enqueue(sleepy, "runs", 120.0, job_id="once", **TTL)
+    with worker(tmp_path, "doomed") as first:
+        info = wait_for(q, "once", ("started",))
+        while (info.progress or {}).get("done", 0) < 1:
+            info = wait_for(q, "once", ("started",))
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+    with worker(tmp_path, "reaper"):
+        assert wait_for(q, "once", ("failed",), timeout=30).retries_left in (None, 0)
+        listed = ExecutionRegistry(job_id="once", connection=q.connection).get_execution_ids()
+        assert len(listed) == 1
+        assert not q.connection.exists(Execution(id=listed[0], job_id="once", connection=q.connection).key)
+        assert q.enqueue(count_to, 3, job_id="once", **TTL).created
+        assert wait_for(q, "once", ("finished",)).result == 3
+    assert int(_redis().get("runs")) == 1
+
+
+def test_the_rq_internals_the_worker_overrides_keep_their_shape() -> None:
+    """``backend.worker`` reimplements ``SimpleWorker.execute_job`` with a heartbeat thread; it calls these
+    rq internals by position. A new rq that renames or reorders them fails here, not in production."""
+    import inspect
+
+    from rq.worker import BaseWorker, SimpleWorker
+
+    def params(f: Any) -> list[str]:
+        return list(inspect.signature(f).parameters)[:4]
+
+    assert params(SimpleWorker.execute_job) == ["self", "job", "queue"]
+    assert params(BaseWorker.prepare_execution) == ["self", "job"]
+    assert params(BaseWorker.maintain_heartbeats) == ["self", "job", "execution"]
+    assert params(BaseWorker.perform_job) == ["self", "job", "queue", "execution"]
+    assert params(BaseWorker.get_heartbeat_ttl)[:2] == ["self", "job"]
+
+
 def test_unreachable_redis_is_named() -> None:
     dead = RQQueue("redis://127.0.0.1:1/0", QUEUE)
     with pytest.raises(QueueUnavailableError, match="127.0.0.1:1"):
