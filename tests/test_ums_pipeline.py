@@ -22,23 +22,35 @@ TINY = {
 }
 
 
+# How this tiny net learns (seeded, CPU): at initialisation every sigmoid is about 0.5, so the first
+# epoch's IoU is that of an all-foreground mask (the pseudo-labels' foreground share, 0.23). BCE then drives
+# the net to all-background (IoU 0) for about 15 epochs; it leaves that plateau at an epoch that depends on
+# float summation order (torch's thread count, the library versions), and fits the pseudo-labels from there.
+# At the former lr 3e-3 and 20 epochs the test measured the middle of that climb: 0.26 or 0.46 from the same
+# code, and at 3e-3 the climb oscillates (0.49 -> 0.22 by epoch 40 with 1 thread). At lr 1e-3 the climb ends
+# by epoch 32 with 1, 2 or 3 threads, at 0.55 +- 0.01; epoch 40 leaves 8 epochs of slack.
+EPOCHS, LR = 40, 1e-3
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("ums")
     groups = make_synthetic_dataset(root / "data", n_groups=3, n_images=4, size=(64, 80), seed=0)
     ckpt = train_ums(
-        groups, TrainConfig(**TINY, epochs=20, lr=3e-3), out=root / "ums.pt", cache_dir=root / "cache"
+        groups, TrainConfig(**TINY, epochs=EPOCHS, lr=LR), out=root / "ums.pt", cache_dir=root / "cache"
     )
     return root, ckpt
 
 
-def test_training_lowers_the_loss_and_raises_iou_against_the_pseudo_labels(trained):
+def test_training_lowers_the_loss_and_beats_the_trivial_masks_against_the_pseudo_labels(trained):
     _, ckpt = trained
     loss, iou = ckpt.metrics["epoch_loss"], ckpt.metrics["epoch_iou"]
     print(f"epoch loss {loss[0]:.3f} -> {loss[-1]:.3f}; IoU vs pseudo-labels {iou[0]:.3f} -> {iou[-1]:.3f}")
-    assert loss[-1] < 0.85 * loss[0]
-    assert iou[-1] > iou[0] + 0.1
-    assert ckpt.metrics["steps"] == 60 and ckpt.metrics["n_images"] == 12
+    assert ckpt.metrics["steps"] == 3 * EPOCHS and ckpt.metrics["n_images"] == 12
+    assert 0.15 < iou[0] < 0.30  # the all-foreground mask's IoU: what an untrained net scores
+    assert loss[-1] < 0.75 * loss[0]
+    assert iou[-1] > iou[0] + 0.15  # measured 0.55 against 0.23
+    assert min(iou[-4:]) > iou[0] + 0.1  # settled, not caught mid-climb
 
 
 def test_checkpoint_records_its_backbones_and_uncertainty(trained):
@@ -46,7 +58,7 @@ def test_checkpoint_records_its_backbones_and_uncertainty(trained):
     back = load_ums(root / "ums.pt")
     assert (back.backbone, back.v2_backbone) == ("tiny", "tiny_dinov2")
     assert 0.0 < back.bm_bar < 1.0 and back.bm_bar == pytest.approx(ckpt.metrics["bm_bar"])
-    assert len(back.data_ids) == 12 and back.config["lr"] == 3e-3
+    assert len(back.data_ids) == 12 and back.config["lr"] == LR
 
 
 def test_pipeline_uses_the_per_map_threshold_with_the_checkpoints_b_bar(trained):
