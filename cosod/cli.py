@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("predict", help="masks for folders of groups (a 0/255 PNG per image)")
+    p = sub.add_parser("predict", help="masks for folders of groups (a PNG per image)")
     p.add_argument("groups_dir", help="<dir>/<group>/<images> or the CoSOD layout <dir>/images/<group>/...")
     p.add_argument("--out", required=True, help="output folder: <out>/<group>/<stem>.png")
     _add_model_args(p)
@@ -71,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
     p.add_argument("--no-refine", action="store_true", help="skip stage-2 region refinement")
     p.add_argument("--soft", action="store_true", help="also write the soft stage-1 maps as <stem>_soft.png")
+    p.add_argument(
+        "--binary",
+        action="store_true",
+        help="write 0/255 masks; default: the official output (the 224x224 mask resized with soft edges)",
+    )
+    d = p.add_argument_group(
+        "deliberate differences from the official SCoSPARC code (README: Faithful by default)"
+    )
+    d.add_argument("--feature-precision", choices=["float32", "float16"], default="float32")
+    d.add_argument("--backbone-amp", action="store_true", help="bf16 autocast for the backbone on CUDA")
+    d.add_argument("--refine-fallback", choices=["official", "best"], default="official")
+    d.add_argument("--crf-aspect", choices=["squash", "keep"], default="squash")
+    d.add_argument("--crf-uniform", choices=["official", "keep"], default="official")
 
     p = sub.add_parser("train", help="self-supervised stage-1 training on folders of groups (no labels)")
     p.add_argument("data_root", help="CoSOD layout <root>/images/<group>/* (gt is not used)")
@@ -138,6 +151,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         crf=not args.no_crf,
         refine=not args.no_refine,
+        feature_precision=args.feature_precision,
+        backbone_amp=args.backbone_amp,
+        refine_fallback=args.refine_fallback,
+        crf_aspect=args.crf_aspect,
+        crf_uniform=args.crf_uniform,
     )
     pipe = Pipeline.build(config, weights_dir=args.weights_dir, cache_dir=args.cache_dir, device=args.device)
     out = Path(args.out)
@@ -152,8 +170,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if not images:
                 continue
             pred = pipe.predict_group(images, hashes=[image_hash(im) for im in images])
-            for path, mask, soft in zip(paths, pred.masks, pred.soft, strict=True):
-                write_mask(out / group.name / f"{path.stem}.png", mask)
+            for path, mask, mask_map, soft in zip(paths, pred.masks, pred.mask_maps, pred.soft, strict=True):
+                write_mask(out / group.name / f"{path.stem}.png", mask if args.binary else mask_map)
                 if args.soft:
                     write_mask(
                         out / group.name / f"{path.stem}_soft.png", (soft * 255.0 + 0.5).astype("uint8")

@@ -28,11 +28,14 @@ import numpy as np
 import torch
 
 from .backbones import DEFAULT_BACKBONE, Backbone, BackboneFeatures, build_backbone
-from .features import FeatureCache, encode_images, image_hash
+from .features import FeatureCache, check_precision, encode_images, image_hash
 from .refine import (
     ALPHA_C,
     BM_BAR,
     BOX_SIM,
+    CRF_ASPECTS,
+    CRF_UNIFORMS,
+    REFINE_FALLBACKS,
     TH0,
     CRFParams,
     RegionDecision,
@@ -41,8 +44,8 @@ from .refine import (
     group_prototype,
     group_threshold,
     map_thresholds,
+    output_map,
     refine_regions,
-    resize_mask,
     resize_soft,
     upsample,
 )
@@ -73,6 +76,12 @@ class PipelineConfig:
     crf: bool = True
     crf_params: CRFParams = field(default_factory=CRFParams)
     batch_size: int = 8  # backbone batch; does not change results
+    # Deliberate differences from the official code: each off by default (README, "Faithful by default").
+    feature_precision: str = "float32"  # "float16": features (and cache) rounded; half the cache's disk
+    backbone_amp: bool = False  # True: the backbone runs under bf16 autocast on CUDA (faster, not bit-exact)
+    refine_fallback: str = "official"  # "best": no positive component score -> keep only the best one
+    crf_aspect: str = "squash"  # "keep": CRF at the image's aspect ratio instead of a 224x224 squash
+    crf_uniform: str = "official"  # "keep": an all-foreground CRF result stays (official: written empty)
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -85,16 +94,27 @@ class PipelineConfig:
             raise ValueError(f"max_refs must be at least 2, got {self.max_refs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        check_precision(self.feature_precision)
+        for name, value, allowed in (
+            ("refine_fallback", self.refine_fallback, REFINE_FALLBACKS),
+            ("crf_aspect", self.crf_aspect, CRF_ASPECTS),
+            ("crf_uniform", self.crf_uniform, CRF_UNIFORMS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 @dataclass
 class GroupPrediction:
     """Per image, in input order: ``soft`` float32 HxW in [0, 1] (stage-1 map at the original size),
     ``masks`` bool HxW at the original size, ``scores`` in [0, 1] (mean soft value inside the mask, 0 when the
-    mask is empty). ``timings`` holds seconds per stage for the whole group."""
+    mask is empty). ``mask_maps`` uint8 HxW: the official output (the 224x224 mask as 0/255, resized with
+    OpenCV's INTER_LINEAR, so its edges are soft); ``masks`` is ``mask_maps > 127``. ``timings`` holds seconds
+    per stage for the whole group."""
 
     soft: list[np.ndarray] = field(default_factory=list)
     masks: list[np.ndarray] = field(default_factory=list)
+    mask_maps: list[np.ndarray] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     mode: str = "empty"
@@ -209,10 +229,17 @@ class Pipeline:
                     "`cosod train --model ums`"
                 )
             ums = load_ums(cfg.ums_checkpoint)
-            backbone = build_backbone(ums.backbone, weights_dir=weights_dir, device=device, input_size=size)
-            v2 = build_backbone(ums.v2_backbone, weights_dir=weights_dir, device=device, input_size=size)
+            amp = cfg.backbone_amp
+            backbone = build_backbone(
+                ums.backbone, weights_dir=weights_dir, device=device, input_size=size, amp=amp
+            )
+            v2 = build_backbone(
+                ums.v2_backbone, weights_dir=weights_dir, device=device, input_size=size, amp=amp
+            )
             return cls(cfg, backbone, None, cache, ums=ums, v2_backbone=v2)
-        backbone = build_backbone(cfg.backbone, weights_dir=weights_dir, device=device, input_size=size)
+        backbone = build_backbone(
+            cfg.backbone, weights_dir=weights_dir, device=device, input_size=size, amp=cfg.backbone_amp
+        )
         if cfg.stage1_checkpoint:
             stage1 = load_stage1(cfg.stage1_checkpoint).net
         elif cfg.stage1_init == "identity":
@@ -244,7 +271,12 @@ class Pipeline:
 
     def encode(self, images: Sequence[np.ndarray], hashes: Sequence[str] | None = None) -> BackboneFeatures:
         return encode_images(
-            self.backbone, images, cache=self.cache, hashes=hashes, batch_size=self.config.batch_size
+            self.backbone,
+            images,
+            cache=self.cache,
+            hashes=hashes,
+            batch_size=self.config.batch_size,
+            precision=self.config.feature_precision,
         )
 
     @torch.no_grad()
@@ -293,7 +325,12 @@ class Pipeline:
         if self.config.model == "ums":
             assert self.v2_backbone is not None
             feats2 = encode_images(
-                self.v2_backbone, images, cache=self.cache, hashes=digests, batch_size=self.config.batch_size
+                self.v2_backbone,
+                images,
+                cache=self.cache,
+                hashes=digests,
+                batch_size=self.config.batch_size,
+                precision=self.config.feature_precision,
             )
             t1 = time.perf_counter()
             return self.ums_maps(feats, feats2, digests), t1 - t0
@@ -345,22 +382,35 @@ class Pipeline:
             proto = group_prototype(maps.proto_tokens, grid_masks)
             for i in range(len(images)):
                 binary_work[i], regions[i] = refine_regions(
-                    binary_work[i], maps.proto_tokens[i], proto, box_sim=cfg.box_sim
+                    binary_work[i],
+                    maps.proto_tokens[i],
+                    proto,
+                    box_sim=cfg.box_sim,
+                    fallback=cfg.refine_fallback,
                 )
         t1 = time.perf_counter()
-        masks: list[np.ndarray] = []
-        for i, img in enumerate(images):
-            hw = img.shape[:2]
-            if cfg.crf:
-                masks.append(crf_refine(img, binary_work[i], cfg.crf_params))
-            else:
-                masks.append(resize_mask(binary_work[i], hw))
+        final: list[np.ndarray] = list(binary_work)
+        if cfg.crf:
+            try:
+                final = [
+                    crf_refine(
+                        img, binary_work[i], cfg.crf_params, aspect=cfg.crf_aspect, uniform=cfg.crf_uniform
+                    )
+                    for i, img in enumerate(images)
+                ]
+            except Exception as exc:  # pydensecrf raises plain Exceptions on bad inputs
+                log.warning(
+                    "dense CRF failed (%s); the group is written without CRF, as the official code does", exc
+                )
+        mask_maps = [output_map(final[i], img.shape[:2]) for i, img in enumerate(images)]
+        masks = [m > 127 for m in mask_maps]
         t2 = time.perf_counter()
         soft = [resize_soft(work[i].numpy(), img.shape[:2]) for i, img in enumerate(images)]
         scores = [float(s[m].mean()) if m.any() else 0.0 for s, m in zip(soft, masks, strict=True)]
         return GroupPrediction(
             soft=soft,
             masks=masks,
+            mask_maps=mask_maps,
             scores=scores,
             timings={"refine": t1 - t0, "crf": t2 - t1, "resize": time.perf_counter() - t2},
             thresholds=[float(t) for t in th],

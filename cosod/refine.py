@@ -6,9 +6,20 @@ Shared by the SCoSPARC and UMS paths (method_spec A.5-A.7 and B.9):
   of the pixels >= 0.15 at the token grid, ``th = th0 + alpha_c * ((1 - conf) - B_bar)``.
 - :func:`map_thresholds` is the per-map form of the UMS paper: conf = mean of the pixels >= the map mean.
 - :func:`refine_regions` keeps the 8-connected components whose pooled tokens resemble the group prototype
-  (integer-percent cosine, relative to the best component, kept at >= 0.77). When no component scores above
-  zero, the best one is kept (the proposed fix for the official code's undefined fallback).
-- :func:`dense_crf` is the hard-label DenseCRF of the official code, run at a capped working resolution.
+  (integer-percent cosine, relative to the best component, kept at >= 0.77).
+- :func:`dense_crf` is the hard-label DenseCRF of the official code; :func:`crf_refine` and
+  :func:`output_map` run it and write the mask the official way (224x224 squash, OpenCV ``INTER_LINEAR``).
+
+Faithful by default; each deliberate difference is a named option, off by default:
+
+- ``fallback="best"`` (:func:`refine_regions`): when no component scores above zero, keep only the best one
+  (method_spec A.6's proposal). Official: the ratio rule as written, ``s_k / max s_k >= 0.77``, which keeps
+  every component when the best score is negative; a best score of exactly 0 divides by zero in the official
+  code and leaves a stale mask, so here every component is kept then (documented fix, not an option).
+- ``aspect="keep"`` (:func:`crf_refine`): CRF at a size that keeps the aspect ratio (long side 224, PIL
+  bilinear with antialiasing, pairwise ``sxy`` scaled) instead of the official 224x224 squash.
+- ``uniform="keep"`` (:func:`crf_refine`): a CRF result that is foreground everywhere stays so; the official
+  min-max normalisation divides by zero there and writes an all-zero mask.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -131,14 +143,25 @@ class RegionDecision:
     fallback: str | None = None  # "no-components" or "no-positive-score"
 
 
+REFINE_FALLBACKS = ("official", "best")
+
+
 def refine_regions(
-    binary: np.ndarray, tokens: torch.Tensor, prototype: torch.Tensor, *, box_sim: float = BOX_SIM
+    binary: np.ndarray,
+    tokens: torch.Tensor,
+    prototype: torch.Tensor,
+    *,
+    box_sim: float = BOX_SIM,
+    fallback: str = "official",
 ) -> tuple[np.ndarray, RegionDecision]:
     """Stage-2 refinement of one image.
 
     binary: (S, S) bool mask at working size; tokens: (h, w, C) of that image; prototype: (C,).
     Returns the union of the kept 8-connected components, (S, S) bool, and the decision record.
+    ``fallback`` decides what happens when no component scores above zero (module docstring).
     """
+    if fallback not in REFINE_FALLBACKS:
+        raise ValueError(f"refine fallback must be 'official' or 'best', got {fallback!r}")
     labels, n = connected_components(binary, background=0, return_num=True, connectivity=2)
     if n == 0:
         return np.zeros_like(binary, dtype=bool), RegionDecision([], [], "no-components")
@@ -151,12 +174,18 @@ def refine_regions(
     best = max(scores)
     if best > 0:
         kept = [k for k, s in enumerate(scores) if s / best >= box_sim]
-        fallback = None
-    else:
+        note = None
+    elif fallback == "best":
         kept = [int(torch.argmax(cos))]
-        fallback = "no-positive-score"
+        note = "no-positive-score"
+    elif best < 0:  # the official ratio rule as written: s / best >= box_sim holds for every s <= best < 0
+        kept = [k for k, s in enumerate(scores) if s / best >= box_sim]
+        note = "no-positive-score"
+    else:  # best == 0: the official code divides by zero (undefined); keep the thresholded mask
+        kept = list(range(n))
+        note = "no-positive-score"
     refined = np.isin(labels, [k + 1 for k in kept])
-    return refined, RegionDecision(scores, kept, fallback)
+    return refined, RegionDecision(scores, kept, note)
 
 
 @dataclass(frozen=True)
@@ -170,7 +199,7 @@ class CRFParams:
     bilateral_srgb: float = 3.0
     bilateral_compat: float = 10.0
     iterations: int = 10
-    max_side: int = 224  # the official CRF works at 224x224; here the long side, aspect kept
+    max_side: int = 224  # the official CRF works at 224x224 (with aspect="keep": the long side)
 
 
 def working_size(height: int, width: int, max_side: int) -> tuple[int, int]:
@@ -213,13 +242,24 @@ def dense_crf(image: np.ndarray, mask: np.ndarray, params: CRFParams = CRFParams
     return q.argmax(axis=0).astype(bool)
 
 
+CRF_ASPECTS = ("squash", "keep")
+CRF_UNIFORMS = ("official", "keep")
+
+
+def output_map(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """The official output of a {0, 1} mask: ``uint8(mask * 255)`` resized to (H, W) with OpenCV's
+    ``INTER_LINEAR``, so the edges of an upscaled mask are soft (uint8 HxW). ``> 127`` gives the binary
+    mask."""
+    img = mask.astype(np.uint8) * np.uint8(255)
+    if img.shape == size_hw:
+        return img
+    return cv2.resize(img, (size_hw[1], size_hw[0]), interpolation=cv2.INTER_LINEAR)
+
+
 def resize_mask(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """Bool mask -> bool mask of another size: bilinear on 0/255, kept where >= 128 (the official output
-    path: uint8 0/255 map, INTER_LINEAR resize, then binarised)."""
-    if mask.shape == size_hw:
-        return mask.astype(bool)
-    img = Image.fromarray(mask.astype(np.uint8) * 255).resize((size_hw[1], size_hw[0]), Resampling.BILINEAR)
-    return np.asarray(img) >= 128
+    """Bool mask -> bool mask of another size through the official output path (:func:`output_map`, then
+    ``> 127``)."""
+    return output_map(mask, size_hw) > 127
 
 
 def resize_soft(soft: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
@@ -230,20 +270,49 @@ def resize_soft(soft: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     return np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
 
 
-def crf_refine(image: np.ndarray, mask_work: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
-    """CRF a working-size mask against the original image at a capped resolution; bool mask at the
-    original image size. A CRF failure is logged and the input mask is used for that image."""
+def crf_refine(
+    image: np.ndarray,
+    mask_work: np.ndarray,
+    params: CRFParams = CRFParams(),
+    *,
+    aspect: str = "squash",
+    uniform: str = "official",
+) -> np.ndarray:
+    """CRF a working-size mask against the original image; the {0, 1} result at the CRF's size (uint8).
+    Raises what pydensecrf raises; :func:`output_map` takes the result to the original size.
+
+    ``aspect="squash"`` (official): the image is resized to ``max_side`` x ``max_side`` whatever its aspect
+    ratio, with OpenCV's ``INTER_LINEAR`` (which does not antialias), and the pairwise ``sxy`` are used as
+    they are. ``aspect="keep"``: long side ``max_side``, PIL bilinear, ``sxy`` scaled to that size.
+    ``uniform="official"``: a result that is foreground everywhere becomes empty (the official min-max
+    normalisation divides by zero there); ``"keep"`` leaves it.
+    """
+    if aspect not in CRF_ASPECTS:
+        raise ValueError(f"CRF aspect must be 'squash' or 'keep', got {aspect!r}")
+    if uniform not in CRF_UNIFORMS:
+        raise ValueError(f"CRF uniform must be 'official' or 'keep', got {uniform!r}")
     height, width = image.shape[:2]
-    hc, wc = working_size(height, width, params.max_side)
-    small = (
-        image
-        if (hc, wc) == (height, width)
-        else np.asarray(Image.fromarray(image).resize((wc, hc), Resampling.BILINEAR))
-    )
-    labels = np.asarray(Image.fromarray(mask_work.astype(np.uint8)).resize((wc, hc), Resampling.NEAREST)) > 0
-    try:
-        out = dense_crf(small, labels, params)
-    except Exception as exc:  # pydensecrf raises plain Exceptions on bad inputs
-        log.warning("dense CRF failed (%s); using the mask without CRF", exc)
-        out = labels
-    return resize_mask(out, (height, width))
+    if aspect == "squash":
+        hc = wc = params.max_side
+        small = (
+            cv2.resize(image, (wc, hc), interpolation=cv2.INTER_LINEAR)
+            if (height, width) != (hc, wc)
+            else image
+        )
+    else:
+        hc, wc = working_size(height, width, params.max_side)
+        small = (
+            image
+            if (hc, wc) == (height, width)
+            else np.asarray(Image.fromarray(image).resize((wc, hc), Resampling.BILINEAR))
+        )
+    if mask_work.shape != (hc, wc):
+        labels = (
+            np.asarray(Image.fromarray(mask_work.astype(np.uint8)).resize((wc, hc), Resampling.NEAREST)) > 0
+        )
+    else:
+        labels = mask_work.astype(bool)
+    out = dense_crf(np.ascontiguousarray(small), labels, params)
+    if uniform == "official" and out.all():
+        out = np.zeros_like(out)
+    return out.astype(np.uint8)

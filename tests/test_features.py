@@ -54,7 +54,7 @@ def test_a_hit_skips_the_backbone_and_equals_the_miss(tmp_path, backbone):
         (first.cls_attention, second.cls_attention),
     ]:
         assert torch.equal(a, b)
-    # without any cache the same (float16-rounded) values come out
+    # without any cache the same (float32) values come out
     assert torch.equal(encode_images(backbone, imgs(3)).tokens, first.tokens)
     # a partially cached group only encodes the new image
     encode_images(counting, imgs(3) + imgs(1, seed=9), cache=cache)
@@ -69,6 +69,31 @@ def test_keys_separate_backbones_and_images(tmp_path, backbone):
     assert cache.get(h, "other@x@224") is None
     assert cache.get("0" * 64, backbone.id) is None
     assert f.tokens.dtype == torch.float32
+
+
+def test_features_are_float32_by_default_and_float16_is_an_option(tmp_path, backbone):
+    raw = backbone.encode(imgs(2))
+    exact = encode_images(backbone, imgs(2))
+    assert torch.equal(exact.tokens, raw.tokens) and torch.equal(exact.keys, raw.keys)
+    half = encode_images(backbone, imgs(2), precision="float16")
+    assert torch.equal(half.tokens, raw.tokens.half().float())
+    assert not torch.equal(half.tokens, raw.tokens)  # the rounding is real on these features
+    cache = FeatureCache(tmp_path)
+    assert torch.equal(encode_images(backbone, imgs(2), cache=cache, precision="float16").tokens, half.tokens)
+    (entry, _) = sorted(tmp_path.rglob("*.npz"))
+    with np.load(entry) as data:
+        assert data["tokens"].dtype == np.float16  # half the disk
+    # a float16 entry cannot serve a float32 request: recomputed and replaced by a float32 one
+    counting = CountingBackbone(backbone)
+    assert torch.equal(encode_images(counting, imgs(2), cache=cache).tokens, exact.tokens)
+    assert counting.seen == 2
+    with np.load(entry) as data:
+        assert data["tokens"].dtype == np.float32
+    # a float32 entry serves a float16 request, rounded: what a miss would give
+    assert torch.equal(encode_images(counting, imgs(2), cache=cache, precision="float16").tokens, half.tokens)
+    assert counting.seen == 2
+    with pytest.raises(ValueError, match="'float32' or 'float16'"):
+        encode_images(backbone, imgs(1), precision="bfloat16")
 
 
 def test_an_unreadable_entry_is_recomputed(tmp_path, backbone):

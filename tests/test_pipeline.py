@@ -100,6 +100,10 @@ def test_switches_and_per_map_threshold():
         ({"threshold": "otsu"}, "threshold must be"),
         ({"max_refs": 1}, "max_refs must be at least 2"),
         ({"stage1_init": "zeros"}, "stage1_init"),
+        ({"feature_precision": "bfloat16"}, "'float32' or 'float16'"),
+        ({"refine_fallback": "first"}, "refine_fallback must be one of 'official', 'best'"),
+        ({"crf_aspect": "fit"}, "crf_aspect must be one of 'squash', 'keep'"),
+        ({"crf_uniform": "drop"}, "crf_uniform must be one of 'official', 'keep'"),
     ],
 )
 def test_bad_config_values_are_named(kwargs, message):
@@ -110,3 +114,44 @@ def test_bad_config_values_are_named(kwargs, message):
 def test_bad_images_are_named(pipe):
     with pytest.raises(ValueError, match="image 1: expected an HxWx3 uint8 RGB array"):
         pipe.predict_group([group(1)[0], np.zeros((5, 5), np.uint8)])
+
+
+def test_mask_maps_are_the_official_output_and_masks_binarise_them(pipe):
+    images = group(3)
+    pred = pipe.predict_group(images)
+    for img, mask, mask_map in zip(images, pred.masks, pred.mask_maps, strict=True):
+        assert mask_map.shape == img.shape[:2] and mask_map.dtype == np.uint8
+        assert np.array_equal(mask, mask_map > 127)
+
+
+def test_a_crf_failure_writes_the_whole_group_without_crf(monkeypatch, caplog):
+    import cosod.refine as refine
+
+    pipe = Pipeline.build(PipelineConfig(backbone="tiny"))
+    images = group(3)
+    calls = []
+
+    def flaky(image, mask, params=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Exception("densecrf broke")
+        return np.ones_like(mask)
+
+    monkeypatch.setattr(refine, "dense_crf", flaky)
+    with_failure = pipe.predict_group(images)
+    assert "the group is written without CRF" in caplog.text
+    plain = Pipeline.build(PipelineConfig(backbone="tiny", crf=False)).predict_group(images)
+    for a, b in zip(with_failure.mask_maps, plain.mask_maps, strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_every_deliberate_difference_changes_the_version():
+    base = Pipeline.build(PipelineConfig(backbone="tiny")).version_id
+    for option in (
+        {"feature_precision": "float16"},
+        {"refine_fallback": "best"},
+        {"crf_aspect": "keep"},
+        {"crf_uniform": "keep"},
+        {"backbone_amp": True},
+    ):
+        assert Pipeline.build(PipelineConfig(backbone="tiny", **option)).version_id != base, option

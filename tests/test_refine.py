@@ -14,6 +14,7 @@ from cosod.refine import (
     group_threshold,
     map_confidences,
     map_thresholds,
+    output_map,
     refine_regions,
     resize_mask,
     working_size,
@@ -88,12 +89,26 @@ def test_refinement_keeps_regions_within_the_relative_margin():
     assert np.array_equal(refined, binary)
 
 
-def test_refinement_fallbacks():
-    tokens, binary, c, _ = two_component_case()
-    refined, decision = refine_regions(binary, tokens, prototype=-c)  # every score <= 0: keep the best
+def test_refinement_when_no_component_scores_above_zero():
+    tokens, binary, c, d = two_component_case()
+    # scores [-100, 0]: best == 0, a division by zero in the official code: the thresholded mask is kept
+    refined, decision = refine_regions(binary, tokens, prototype=-c)
+    assert decision.scores == [-100, 0] and decision.fallback == "no-positive-score"
+    assert decision.kept == [0, 1] and np.array_equal(refined, binary)
+    # scores [-70, -70] (prototype -(c + d)): the official ratio s / best >= 0.77 keeps every component
+    refined, decision = refine_regions(binary, tokens, prototype=-(c + d))
+    assert decision.scores == [-70, -70] and decision.kept == [0, 1] and np.array_equal(refined, binary)
+    # scores about [-80, -60]: still all, since s <= best < 0.77 * best for every s
+    refined, decision = refine_regions(binary, tokens, prototype=-2 * c - 1.5 * d)
+    assert decision.scores[0] < decision.scores[1] < 0 and decision.kept == [0, 1]
+    # the named option keeps only the best component instead (method_spec A.6's proposal)
+    refined, decision = refine_regions(binary, tokens, prototype=-c, fallback="best")
     assert decision.fallback == "no-positive-score" and decision.kept == [1]
+    assert not refined[0:24, 0:24].any() and refined[40:, 40:].any()
     refined, decision = refine_regions(np.zeros((64, 64), bool), tokens, prototype=c)
     assert decision.fallback == "no-components" and not refined.any()
+    with pytest.raises(ValueError, match="'official' or 'best'"):
+        refine_regions(binary, tokens, prototype=c, fallback="first")
 
 
 def test_group_prototype_skips_images_without_foreground():
@@ -127,28 +142,65 @@ def test_crf_snaps_a_blurred_mask_to_the_image_edge():
     assert iou(snapped, truth) > 0.97
 
 
-def test_crf_at_a_capped_working_resolution_returns_the_original_size():
+def test_crf_squashes_the_image_to_224_as_the_official_code_does():
+    img, truth = edge_image(h=300, w=400)
+    rough = gaussian_filter(truth.astype(float), sigma=8) > 0.3
+    work = resize_mask(rough, (224, 224))
+    out = crf_refine(img, work)
+    assert out.shape == (224, 224) and out.dtype == np.uint8 and set(np.unique(out)) <= {0, 1}
+    full = output_map(out, (300, 400)) > 127
+    assert iou(full, truth) > iou(resize_mask(work, (300, 400)), truth)
+    # the CRF image is OpenCV's INTER_LINEAR squash (no antialiasing): the official CRF input
+    import cv2
+
+    import cosod.refine as refine
+
+    seen = {}
+
+    def spy(image, mask, params=None):
+        seen["image"] = image.copy()
+        return mask
+
+    original = refine.dense_crf
+    refine.dense_crf = spy
+    try:
+        crf_refine(img, work)
+    finally:
+        refine.dense_crf = original
+    assert np.array_equal(seen["image"], cv2.resize(img, (224, 224), interpolation=cv2.INTER_LINEAR))
+
+
+def test_crf_keeping_the_aspect_ratio_is_a_named_option():
     img, truth = edge_image(h=300, w=400)
     rough = gaussian_filter(truth.astype(float), sigma=8) > 0.3
     params = CRFParams(max_side=160)
     assert working_size(300, 400, 160) == (120, 160)
     work = resize_mask(rough, (64, 64))
-    out = crf_refine(img, work, params)
-    assert out.shape == (300, 400)
-    assert iou(out, truth) > iou(resize_mask(work, (300, 400)), truth)
+    out = crf_refine(img, work, params, aspect="keep")
+    assert out.shape == (120, 160)
+    full = output_map(out, (300, 400)) > 127
+    assert iou(full, truth) > iou(resize_mask(work, (300, 400)), truth)
+    with pytest.raises(ValueError, match="'squash' or 'keep'"):
+        crf_refine(img, work, aspect="fit")
 
 
-def test_crf_failure_falls_back_to_the_mask(monkeypatch, caplog):
-    import cosod.refine as refine
+def test_an_all_foreground_crf_result_is_written_empty_as_the_official_code_does():
+    flat = np.full((224, 224, 3), 128, np.uint8)
+    everything = np.ones((224, 224), bool)
+    assert dense_crf(flat, everything).all()  # the CRF itself keeps a uniform foreground
+    assert not crf_refine(flat, everything).any()  # official min-max: 0 / 0, written as 0
+    assert crf_refine(flat, everything, uniform="keep").all()  # the named option
+    with pytest.raises(ValueError, match="'official' or 'keep'"):
+        crf_refine(flat, everything, uniform="skip")
 
-    def boom(*a, **k):
-        raise Exception("densecrf broke")
 
-    monkeypatch.setattr(refine, "dense_crf", boom)
-    img, truth = edge_image()
-    out = crf_refine(img, truth, CRFParams())
-    assert np.array_equal(out, truth)
-    assert "dense CRF failed" in caplog.text
+def test_output_map_is_opencvs_linear_resize_of_the_0_255_mask():
+    # a 1x2 mask [0, 1] to 1x4: source positions 0, 0.25, 0.75, 1 (half-pixel centres, clamped)
+    out = output_map(np.array([[0, 1]], np.uint8), (1, 4))
+    assert out.tolist() == [[0, 64, 191, 255]]  # 63.75 and 191.25, rounded
+    assert resize_mask(np.array([[False, True]]), (1, 4)).tolist() == [[False, False, True, True]]
+    same = np.array([[1, 0], [0, 1]], np.uint8)
+    assert output_map(same, (2, 2)).tolist() == [[255, 0], [0, 255]]
 
 
 def test_empty_mask_stays_empty_after_crf():
