@@ -318,8 +318,6 @@ def _finetune_ums(
     config: FinetuneConfig,
     on_step: Callable[[int, dict[str, float]], None] | None,
 ) -> tuple[Any, dict[str, Any]]:
-    from .features import encode_images
-
     assert active.v2_backbone is not None
     size = active.config.input_size
     loaded = []
@@ -328,7 +326,7 @@ def _finetune_ums(
         pseudo = active.predict_group(g.images, hashes=g.hashes).masks if needs_pseudo else None
         imgs, hs = [g.images[i] for i in idx], [g.hashes[i] for i in idx]
         dino = active.encode(imgs, hs)
-        v2 = encode_images(active.v2_backbone, imgs, cache=active.cache, hashes=hs)
+        v2 = active.encode(imgs, hs, v2=True)
         rows = []
         for i in idx:
             m = g.masks[i]

@@ -269,9 +269,14 @@ class Pipeline:
         """Stable id of config + backbone weights + model weights; changes when any of them changes."""
         return self._version_id
 
-    def encode(self, images: Sequence[np.ndarray], hashes: Sequence[str] | None = None) -> BackboneFeatures:
+    def encode(
+        self, images: Sequence[np.ndarray], hashes: Sequence[str] | None = None, *, v2: bool = False
+    ) -> BackboneFeatures:
+        """Features of ``images`` from the backbone (``v2``: UMS's DINOv2 backbone), through the cache."""
+        backbone = self.v2_backbone if v2 else self.backbone
+        assert backbone is not None
         return encode_images(
-            self.backbone,
+            backbone,
             images,
             cache=self.cache,
             hashes=hashes,
@@ -323,15 +328,7 @@ class Pipeline:
         t0 = time.perf_counter()
         feats = self.encode(images, digests)
         if self.config.model == "ums":
-            assert self.v2_backbone is not None
-            feats2 = encode_images(
-                self.v2_backbone,
-                images,
-                cache=self.cache,
-                hashes=digests,
-                batch_size=self.config.batch_size,
-                precision=self.config.feature_precision,
-            )
+            feats2 = self.encode(images, digests, v2=True)
             t1 = time.perf_counter()
             return self.ums_maps(feats, feats2, digests), t1 - t0
         t1 = time.perf_counter()

@@ -170,7 +170,7 @@ def pseudo_label_masks(
     from PIL import Image
 
     from .discovery import upsample_mask
-    from .refine import crf_refine
+    from .refine import crf_refine, output_map
 
     labels = group_pseudo_labels(feats, **selection)
     masks = []
@@ -178,5 +178,7 @@ def pseudo_label_masks(
         if size is not None:
             img = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR))
         up = upsample_mask(lab.mask, img.shape[:2])
-        masks.append(crf_refine(img, up) if crf else up)
+        if crf:  # at the image's own aspect ratio (these are not SCoSPARC's outputs), back at its size
+            up = output_map(crf_refine(img, up, aspect="keep"), img.shape[:2]) > 127
+        masks.append(up)
     return masks, labels

@@ -118,6 +118,16 @@ def wait_for(q: RQQueue, job_id: str, statuses: tuple[str, ...], timeout: float 
     raise AssertionError(f"{job_id} did not reach {statuses}: {q.fetch(job_id)}")
 
 
+def kill_its_worker_mid_job(q: RQQueue, tmp_path: Path, job_id: str) -> None:
+    """Start a worker, wait until it reports progress on ``job_id`` (a ``sleepy`` job), then SIGKILL it."""
+    with worker(tmp_path, "doomed") as first:
+        info = wait_for(q, job_id, ("started",))
+        while (info.progress or {}).get("done", 0) < 1:
+            info = wait_for(q, job_id, ("started",))
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+
+
 def test_jobs_run_on_a_worker_with_progress_and_dedup(q: RQQueue, tmp_path: Path) -> None:
     assert q.enqueue(count_to, 4, job_id="count-1", meta={"project": 7}, description="count", **TTL).created
     assert q.fetch("count-1").status == "queued"
@@ -159,12 +169,7 @@ def test_cancel_a_running_job(q: RQQueue, tmp_path: Path) -> None:
 
 def test_a_killed_workers_job_is_run_again_by_another(q: RQQueue, tmp_path: Path) -> None:
     q.enqueue(sleepy, "runs", 120.0, job_id="stall", retries=2, **TTL)
-    with worker(tmp_path, "doomed") as first:
-        info = wait_for(q, "stall", ("started",))
-        while (info.progress or {}).get("done", 0) < 1:
-            info = wait_for(q, "stall", ("started",))
-        os.kill(first.pid, signal.SIGKILL)
-        first.wait(10)
+    kill_its_worker_mid_job(q, tmp_path, "stall")
     t0 = time.monotonic()
     with worker(tmp_path, "rescuer"):
         info = wait_for(q, "stall", ("finished",), timeout=60)
@@ -179,12 +184,7 @@ def test_a_killed_job_without_retries_can_be_asked_again_at_once(q: RQQueue, tmp
     from rq.executions import Execution, ExecutionRegistry
 
     q.enqueue(sleepy, "runs", 120.0, job_id="once", **TTL)
-    with worker(tmp_path, "doomed") as first:
-        info = wait_for(q, "once", ("started",))
-        while (info.progress or {}).get("done", 0) < 1:
-            info = wait_for(q, "once", ("started",))
-        os.kill(first.pid, signal.SIGKILL)
-        first.wait(10)
+    kill_its_worker_mid_job(q, tmp_path, "once")
     with worker(tmp_path, "reaper"):
         assert wait_for(q, "once", ("failed",), timeout=30).retries_left in (None, 0)
         listed = ExecutionRegistry(job_id="once", connection=q.connection).get_execution_ids()

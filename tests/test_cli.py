@@ -63,9 +63,14 @@ def test_train_predict_eval(dataset, tmp_path, capsys):
     gts = sorted(p.relative_to(dataset / "gt") for p in (dataset / "gt").glob("*/*.png"))
     preds = sorted(p.relative_to(out) for p in out.glob("*/*.png"))
     assert preds == gts
+    binary = tmp_path / "binary"
+    argv = ["predict", str(dataset), "--backbone", "tiny", "--checkpoint", str(ckpt), "--binary"]
+    assert main([*argv, "--out", str(binary), "--cache-dir", str(tmp_path / "cache")]) == 0
     for rel in preds:
-        mask = np.asarray(Image.open(out / rel))
-        assert mask.shape == (64, 80) and set(np.unique(mask)) <= {0, 255}
+        soft_edged = np.asarray(Image.open(out / rel))  # the official output: the 224x224 mask resized
+        mask = np.asarray(Image.open(binary / rel))
+        assert soft_edged.shape == mask.shape == (64, 80) and set(np.unique(mask)) <= {0, 255}
+        assert np.array_equal(mask == 255, soft_edged > 127)
 
     report = tmp_path / "report"
     rc = main(["eval", "--pred", str(out), "--gt", str(dataset), "--out", str(report)])
