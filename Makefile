@@ -65,7 +65,7 @@ test: install ls-venv
 # Regenerate the lock from pyproject.toml's ranges (and requirements/caps.txt, this machine's torch cap). Pins that
 # still satisfy the ranges are kept; `make lock UPGRADE=1` moves every package to its newest allowed release.
 lock: | $(BIN)/python
-	$(BIN)/python -m pip install --quiet "uv==$$(sed -n 's/^uv==\([^ ]*\).*/\1/p' $(LOCK))"
+	v=$$(sed -n 's/^uv==\([^ ]*\).*/\1/p' $(LOCK) 2>/dev/null); $(BIN)/python -m pip install --quiet "uv$${v:+==$$v}"
 	$(BIN)/uv pip compile pyproject.toml requirements/build.in --extra backend --extra dev -c requirements/caps.txt \
 		$(LOCK_FLAGS) $(if $(UPGRADE),--upgrade) -o $(LOCK)
 	$(BIN)/uv pip compile pyproject.toml requirements/build.in --extra backend -c $(LOCK) $(LOCK_FLAGS) -o $(DEPLOY_LOCK)

@@ -179,6 +179,9 @@ def pseudo_label_masks(
             img = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR))
         up = upsample_mask(lab.mask, img.shape[:2])
         if crf:  # at the image's own aspect ratio (these are not SCoSPARC's outputs), back at its size
-            up = output_map(crf_refine(img, up, aspect="keep"), img.shape[:2]) > 127
+            try:
+                up = output_map(crf_refine(img, up, aspect="keep", uniform="keep"), img.shape[:2]) > 127
+            except Exception as exc:  # pydensecrf raises plain Exceptions on bad inputs
+                log.warning("dense CRF failed (%s); using the pseudo-label without CRF", exc)
         masks.append(up)
     return masks, labels

@@ -250,7 +250,7 @@ def output_map(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """The official output of a {0, 1} mask: ``uint8(mask * 255)`` resized to (H, W) with OpenCV's
     ``INTER_LINEAR``, so the edges of an upscaled mask are soft (uint8 HxW). ``> 127`` gives the binary
     mask."""
-    img = mask.astype(np.uint8) * np.uint8(255)
+    img = (np.asarray(mask) > 0).astype(np.uint8) * np.uint8(255)
     if img.shape == size_hw:
         return img
     return cv2.resize(img, (size_hw[1], size_hw[0]), interpolation=cv2.INTER_LINEAR)

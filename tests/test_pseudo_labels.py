@@ -77,3 +77,26 @@ def test_masks_of_one_category_in_one_image_are_united():
 def test_mismatched_inputs_are_refused():
     with pytest.raises(ValueError, match="must match"):
         select_pseudo_labels([[]], [], [])
+
+
+def test_pseudo_label_masks_survive_a_crf_failure_and_keep_the_image_size(monkeypatch, caplog):
+    import cosod.refine as refine
+    from cosod.backbones import build_backbone
+    from cosod.data import synthetic_group
+    from cosod.features import encode_images
+    from cosod.pseudo_labels import pseudo_label_masks
+
+    images, _ = synthetic_group(3, size=(50, 70), seed=1)
+    feats = encode_images(build_backbone("tiny"), images)
+    snapped, _ = pseudo_label_masks(images, feats)
+    assert [m.shape for m in snapped] == [(50, 70)] * 3 and all(m.dtype == bool for m in snapped)
+
+    def boom(*args, **kwargs):
+        raise Exception("densecrf broke")
+
+    monkeypatch.setattr(refine, "dense_crf", boom)
+    plain, _ = pseudo_label_masks(images, feats, crf=False)
+    fallen_back, _ = pseudo_label_masks(images, feats)
+    assert "using the pseudo-label without CRF" in caplog.text
+    for a, b in zip(plain, fallen_back, strict=True):
+        assert np.array_equal(a, b)
