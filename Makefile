@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The lock: exact versions and hashes of every runtime, backend and dev dependency (LOCK) and of the Label
 # Studio venv of the end-to-end tests (LS_LOCK), made by `make lock` from pyproject.toml's ranges.
 # uv makes them (4 s; pip-compile hashes every platform's files by downloading them: over 5 min here).
-LOCK := requirements/lock.txt
+LOCK := requirements.txt
 LS_LOCK := requirements/label-studio.txt
 # The Docker image installs DEPLOY_LOCK: runtime and backend only, at LOCK's pins.
 DEPLOY_LOCK := requirements/deploy.txt

@@ -1,4 +1,4 @@
-"""The lock (requirements/*.txt, made by `make lock`) agrees with pyproject.toml, the image installs it, and
+"""The lock (requirements.txt and requirements/*.txt, made by `make lock`) agrees with pyproject.toml, the image installs it, and
 the venv this suite runs in is the lock's."""
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ BOUNDED = ("torch", "timm", "rq", "label-studio-sdk")
 
 
 def pins(name: str) -> dict[str, str]:
+    """``name`` relative to the repository: the lock is requirements.txt, the others live in requirements/."""
     out = {}
-    for line in (REPO / "requirements" / name).read_text().splitlines():
+    for line in (REPO / name).read_text().splitlines():
         m = PIN.match(line)
         if m:
             out[canonicalize_name(m.group(1))] = m.group(2)
@@ -38,7 +39,7 @@ def declared() -> list[Requirement]:
 
 
 def test_every_declared_dependency_is_locked_within_its_range() -> None:
-    lock = pins("lock.txt")
+    lock = pins("requirements.txt")
     for req in declared():
         name = canonicalize_name(req.name)
         assert name in lock, f"{req.name} is in pyproject.toml but not in the lock: run `make lock`"
@@ -51,13 +52,13 @@ def test_packages_whose_internals_we_use_stay_below_their_next_major(name: str) 
     (req,) = [r for r in declared() if canonicalize_name(r.name) == name]
     uppers = [Version(s.version) for s in req.specifier if s.operator == "<"]
     assert uppers, f"{req} has no upper bound"
-    locked = Version(pins("lock.txt")[name])
+    locked = Version(pins("requirements.txt")[name])
     assert min(uppers) <= Version(f"{locked.major + 1}"), f"{req} admits the next major release"
 
 
 def test_every_lock_line_is_hashed() -> None:
-    for name in ("lock.txt", "deploy.txt", "label-studio.txt"):
-        text = (REPO / "requirements" / name).read_text()
+    for name in ("requirements.txt", "requirements/deploy.txt", "requirements/label-studio.txt"):
+        text = (REPO / name).read_text()
         entries = re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 1)[1])
         for entry in entries:
             if PIN.match(entry):
@@ -65,7 +66,7 @@ def test_every_lock_line_is_hashed() -> None:
 
 
 def test_the_image_installs_the_locks_pins() -> None:
-    lock, deploy = pins("lock.txt"), pins("deploy.txt")
+    lock, deploy = pins("requirements.txt"), pins("requirements/deploy.txt")
     assert {n: v for n, v in deploy.items() if lock.get(n) != v} == {}
     assert {"torch", "rq", "label-studio-sdk", "gunicorn", "setuptools"} <= deploy.keys()
     assert not {"pytest", "ruff", "mypy"} & deploy.keys()  # the image has no dev tools
@@ -75,15 +76,15 @@ def test_the_image_installs_the_locks_pins() -> None:
 
 
 def test_label_studio_for_the_end_to_end_tests_is_locked() -> None:
-    assert pins("label-studio.txt")["label-studio"] == "1.23.2"
+    assert pins("requirements/label-studio.txt")["label-studio"] == "1.23.2"
 
 
 def test_this_venv_has_the_locks_versions() -> None:
     """``make test`` runs in the venv made from the lock; ``make test-latest`` runs in one made without it,
     where this test says which versions differ (and is the only one allowed to fail for that reason)."""
-    lock = pins("lock.txt")
+    lock = pins("requirements.txt")
     have = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
     differ = {n: (v, have[n]) for n, v in lock.items() if n in have and have[n] != v}
     if differ and os.environ.get("COSOD_TEST_UNLOCKED") == "1":
         pytest.skip(f"make test-latest: {len(differ)} packages differ from the lock")
-    assert differ == {}, "the venv differs from requirements/lock.txt (lock, installed)"
+    assert differ == {}, "the venv differs from requirements.txt (lock, installed)"
