@@ -1,5 +1,5 @@
-"""The lock (requirements.txt and requirements/*.txt, made by `make lock`) agrees with pyproject.toml, the image installs it, and
-the venv this suite runs in is the lock's."""
+"""The lock (requirements.txt and requirements/*.txt, made by `make lock`) agrees with pyproject.toml, the
+image installs it, and the venv this suite runs in is the lock's."""
 
 from __future__ import annotations
 
