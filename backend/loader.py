@@ -35,7 +35,11 @@ def build_pipeline(settings: Settings) -> Any:
         ums_checkpoint=settings.ums_checkpoint,
     )
     return Pipeline.build(
-        cfg, weights_dir=settings.weights_dir, cache_dir=settings.cache_dir, device=settings.device
+        cfg,
+        weights_dir=settings.weights_dir,
+        cache_dir=settings.cache_dir,
+        device=settings.device,
+        crf_workers=settings.crf_workers,
     )
 
 

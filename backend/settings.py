@@ -17,6 +17,8 @@ Environment variables (primary name, then aliases) -> field, default:
 - COSOD_MAX_REFS -> max_refs, 24
 - COSOD_MAX_GROUP_IMAGES -> max_group_images, 64: larger groups use the asked tasks + K references
 - COSOD_DEVICE -> device, cpu
+- COSOD_CRF_WORKERS -> crf_workers, unset: processes for a group's dense CRFs, the CPUs (at most 8); 1 runs
+  them in the serving process. The masks are the same whatever the number.
 - COSOD_MAX_IMAGE_BYTES / COSOD_MAX_IMAGE_PIXELS -> image limits, 64 MiB / 50 Mpx
 - COSOD_TASK_LIST_TTL -> task_list_ttl, 60 s (how long a project's task list is cached)
 - COSOD_GROUP_CACHE_SIZE -> group_cache_size, 64 groups
@@ -100,6 +102,7 @@ class Settings:
     max_refs: int = 24
     max_group_images: int = 64
     device: str = "cpu"
+    crf_workers: int | None = None
     max_image_bytes: int = DEFAULT_MAX_BYTES
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     local_files_root: str | None = None
@@ -160,6 +163,8 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.crf_workers is not None and self.crf_workers < 1:
+            raise ValueError(f"COSOD_CRF_WORKERS must be >= 1, got {self.crf_workers!r}")
         if self.promote_metric not in PROMOTE_METRICS:
             raise ValueError(
                 f"COSOD_PROMOTE_METRIC must be one of {PROMOTE_METRICS}, got {self.promote_metric!r}"
@@ -251,6 +256,7 @@ class Settings:
             max_refs=integer("COSOD_MAX_REFS", 24),
             max_group_images=integer("COSOD_MAX_GROUP_IMAGES", 64),
             device=first("COSOD_DEVICE") or "cpu",
+            crf_workers=integer("COSOD_CRF_WORKERS", 0) if first("COSOD_CRF_WORKERS") else None,
             max_image_bytes=integer("COSOD_MAX_IMAGE_BYTES", DEFAULT_MAX_BYTES),
             max_image_pixels=integer("COSOD_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS),
             local_files_root=first("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "LOCAL_FILES_DOCUMENT_ROOT"),

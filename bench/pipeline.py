@@ -43,10 +43,13 @@ V2_FOR = {
 }
 
 
-def build(model: str, name: str, scratch: Path, ums_checkpoint: str | None) -> tuple[Pipeline, str]:
+def build(
+    model: str, name: str, scratch: Path, ums_checkpoint: str | None, crf_workers: int | None = None
+) -> tuple[Pipeline, str]:
     wdir, note = weights_for(name, scratch)
     if model == "scosparc":
-        return Pipeline.build(PipelineConfig(backbone=name, input_size=224), weights_dir=wdir), note
+        cfg = PipelineConfig(backbone=name, input_size=224)
+        return Pipeline.build(cfg, weights_dir=wdir, crf_workers=crf_workers), note
     from cosod.backbones import build_backbone
     from cosod.ums.checkpoint import UMSCheckpoint, save_ums
     from cosod.ums.net import UMSNet
@@ -59,7 +62,8 @@ def build(model: str, name: str, scratch: Path, ums_checkpoint: str | None) -> t
         save_ums(UMSCheckpoint(UMSNet.build(dim=dims[0], v2_dim=dims[1]), name, v2name, 0.5), ums_checkpoint)
         note += "; UMS network untrained (timing only)"
     cfg = PipelineConfig(model="ums", ums_checkpoint=ums_checkpoint, input_size=224)
-    return Pipeline.build(cfg, weights_dir=wdir if wdir == v2dir else scratch), f"{note}; {v2name}: {v2note}"
+    pipe = Pipeline.build(cfg, weights_dir=wdir if wdir == v2dir else scratch, crf_workers=crf_workers)
+    return pipe, f"{note}; {v2name}: {v2note}"
 
 
 def run_group(pipe: Pipeline, n: int, size: tuple[int, int], seed: int) -> dict[str, float]:
@@ -73,8 +77,8 @@ def timing_table(args: argparse.Namespace) -> list[dict[str, object]]:
     with tempfile.TemporaryDirectory() as scratch:
         for model in args.models:
             for name in args.backbones:
-                pipe, note = build(model, name, Path(scratch), args.ums_checkpoint)
-                print(f"\n{model} / {name}: {note}")
+                pipe, note = build(model, name, Path(scratch), args.ums_checkpoint, args.crf_workers)
+                print(f"\n{model} / {name}: {note}; CRF on {pipe.crf_workers} process(es)")
                 run_group(pipe, 2, tuple(args.image_size), seed=99)  # warm-up
                 header = f"{'group':>5} " + " ".join(f"{s + ' ms':>12}" for s in STAGES)
                 print(header + f" {'total ms':>10} {'group s':>8} {'non-backbone':>13}")
@@ -155,6 +159,12 @@ def main() -> None:
     p.add_argument("--ums-checkpoint", default=None, help="a trained UMS checkpoint (its backbones are used)")
     p.add_argument("--image-size", nargs=2, type=int, default=[384, 512], metavar=("H", "W"))
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument(
+        "--crf-workers",
+        type=int,
+        default=None,
+        help="processes for a group's CRFs (default: the CPUs, at most 8)",
+    )
     p.add_argument("--memory-group", type=int, default=64, help="0 skips the memory run")
     p.add_argument("--memory-backbone", default="vit_base_patch8_224.dino")
     p.add_argument("--memory-child", nargs=2, metavar=("BACKBONE", "N"), help=argparse.SUPPRESS)

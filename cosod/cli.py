@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write 0/255 masks; default: the official output (the 224x224 mask resized with soft edges)",
     )
+    p.add_argument(
+        "--crf-workers",
+        type=_workers,
+        default=None,
+        help="processes for a group's CRFs (default: the CPUs, at most 8; 1: none); the masks do not change",
+    )
     d = p.add_argument_group(
         "deliberate differences from the official SCoSPARC code (README: Faithful by default)"
     )
@@ -124,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _workers(text: str) -> int:
+    """argparse type: a process count of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def _require_dir(path: str, what: str) -> Path:
     p = Path(path)
     if not p.is_dir():
@@ -157,7 +174,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         crf_aspect=args.crf_aspect,
         crf_uniform=args.crf_uniform,
     )
-    pipe = Pipeline.build(config, weights_dir=args.weights_dir, cache_dir=args.cache_dir, device=args.device)
+    pipe = Pipeline.build(
+        config,
+        weights_dir=args.weights_dir,
+        cache_dir=args.cache_dir,
+        device=args.device,
+        crf_workers=args.crf_workers,
+    )
     out = Path(args.out)
     failed: list[str] = []
     written = 0

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .backbones import DEFAULT_BACKBONE, Backbone, BackboneFeatures, build_backbone
+from .densecrf import default_workers
 from .features import FeatureCache, check_precision, encode_images, image_hash
 from .refine import (
     ALPHA_C,
@@ -40,7 +41,7 @@ from .refine import (
     CRFParams,
     RegionDecision,
     component_grid_masks,
-    crf_refine,
+    crf_refine_group,
     group_prototype,
     group_threshold,
     map_thresholds,
@@ -179,8 +180,11 @@ class Pipeline:
         *,
         ums: Any = None,
         v2_backbone: Backbone | None = None,
+        crf_workers: int | None = None,
     ):
         self.config = config
+        # processes for a group's CRFs; not part of the config: it changes the speed, never a mask
+        self.crf_workers = default_workers() if crf_workers is None else max(1, int(crf_workers))
         self.backbone = backbone
         self.cache = cache
         self.stage1 = stage1
@@ -213,10 +217,12 @@ class Pipeline:
         weights_dir: str | None = None,
         cache_dir: str | None = None,
         device: str = "cpu",
+        crf_workers: int | None = None,
     ) -> Pipeline:
         """Load the backbone(s) (raises :class:`~cosod.errors.WeightsMissingError` without their files) and
         the model: the stage-1 checkpoint or its ``stage1_init`` variant, or the UMS checkpoint, whose
-        recorded backbones are used."""
+        recorded backbones are used. ``crf_workers``: processes for a group's CRFs (None: the CPUs, at most 8;
+        1: none, the CRFs run in this process)."""
         cfg = config or PipelineConfig()
         cache = FeatureCache(cache_dir) if cache_dir else None
         size = cfg.input_size
@@ -236,7 +242,7 @@ class Pipeline:
             v2 = build_backbone(
                 ums.v2_backbone, weights_dir=weights_dir, device=device, input_size=size, amp=amp
             )
-            return cls(cfg, backbone, None, cache, ums=ums, v2_backbone=v2)
+            return cls(cfg, backbone, None, cache, ums=ums, v2_backbone=v2, crf_workers=crf_workers)
         backbone = build_backbone(
             cfg.backbone, weights_dir=weights_dir, device=device, input_size=size, amp=cfg.backbone_amp
         )
@@ -246,7 +252,7 @@ class Pipeline:
             stage1 = Stage1Net.identity(backbone.embed_dim)
         else:
             stage1 = Stage1Net.seeded(backbone.embed_dim)
-        return cls(cfg, backbone, stage1, cache)
+        return cls(cfg, backbone, stage1, cache, crf_workers=crf_workers)
 
     def _compute_version_id(self) -> str:
         cfg = asdict(self.config)
@@ -389,13 +395,15 @@ class Pipeline:
         final: list[np.ndarray] = list(binary_work)
         if cfg.crf:
             try:
-                final = [
-                    crf_refine(
-                        img, binary_work[i], cfg.crf_params, aspect=cfg.crf_aspect, uniform=cfg.crf_uniform
-                    )
-                    for i, img in enumerate(images)
-                ]
-            except Exception as exc:  # pydensecrf raises plain Exceptions on bad inputs
+                final = crf_refine_group(
+                    images,
+                    list(binary_work),
+                    cfg.crf_params,
+                    aspect=cfg.crf_aspect,
+                    uniform=cfg.crf_uniform,
+                    workers=self.crf_workers,
+                )
+            except Exception as exc:  # pydensecrf raises plain Exceptions on bad inputs; a worker may die
                 log.warning(
                     "dense CRF failed (%s); the group is written without CRF, as the official code does", exc
                 )

@@ -8,7 +8,8 @@ Shared by the SCoSPARC and UMS paths (method_spec A.5-A.7 and B.9):
 - :func:`refine_regions` keeps the 8-connected components whose pooled tokens resemble the group prototype
   (integer-percent cosine, relative to the best component, kept at >= 0.77).
 - :func:`dense_crf` is the hard-label DenseCRF of the official code; :func:`crf_refine` and
-  :func:`output_map` run it and write the mask the official way (224x224 squash, OpenCV ``INTER_LINEAR``).
+  :func:`output_map` run it and write the mask the official way (224x224 squash, OpenCV ``INTER_LINEAR``);
+  :func:`crf_refine_group` runs a group's CRFs side by side in worker processes (:mod:`cosod.densecrf`).
 
 Faithful by default; each deliberate difference is a named option, off by default:
 
@@ -25,6 +26,7 @@ Faithful by default; each deliberate difference is a named option, off by defaul
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -35,6 +37,17 @@ from PIL import Image
 from PIL.Image import Resampling
 from skimage.measure import label as connected_components
 
+from .densecrf import CRF_REFERENCE_SIDE, OFFICIAL_CRF, CRFParams, dense_crf, run_crfs, working_size
+
+__all__ = [  # the CRF lives in .densecrf (light, for its worker processes); these names stay importable here
+    "CRF_REFERENCE_SIDE",
+    "OFFICIAL_CRF",
+    "CRFParams",
+    "dense_crf",
+    "run_crfs",
+    "working_size",
+]
+
 log = logging.getLogger(__name__)
 
 TH0 = 0.505
@@ -42,7 +55,6 @@ ALPHA_C = 1.0
 BM_BAR = 0.48
 CONF_FLOOR = 0.15
 BOX_SIM = 0.77
-CRF_REFERENCE_SIDE = 224  # the official CRF runs at 224x224; pairwise sxy values are in pixels at that size
 
 
 def upsample(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
@@ -188,60 +200,6 @@ def refine_regions(
     return refined, RegionDecision(scores, kept, note)
 
 
-@dataclass(frozen=True)
-class CRFParams:
-    """Dense CRF settings of the official code (sxy in pixels at 224x224; scaled to the working size)."""
-
-    gt_prob: float = 0.995
-    gaussian_sxy: float = 10.0
-    gaussian_compat: float = 10.0
-    bilateral_sxy: float = 10.0
-    bilateral_srgb: float = 3.0
-    bilateral_compat: float = 10.0
-    iterations: int = 10
-    max_side: int = 224  # the official CRF works at 224x224 (with aspect="keep": the long side)
-
-
-def working_size(height: int, width: int, max_side: int) -> tuple[int, int]:
-    """(h, w) scaled down so the long side is at most ``max_side`` (never scaled up)."""
-    scale = min(1.0, max_side / max(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def dense_crf(image: np.ndarray, mask: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
-    """Hard-label DenseCRF of ``mask`` on ``image`` at the image's own size.
-
-    image: (H, W, 3) uint8 RGB; mask: (H, W) bool. Returns (H, W) bool. Pairwise sxy values are scaled by
-    ``max(H, W) / 224`` so the kernels cover the same share of the picture as the official 224x224 run.
-    """
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import unary_from_labels
-
-    h, w = mask.shape
-    if image.shape[:2] != (h, w):
-        raise ValueError(f"image {image.shape[:2]} and mask {mask.shape} sizes differ")
-    scale = max(h, w) / CRF_REFERENCE_SIDE
-    crf = dcrf.DenseCRF2D(w, h, 2)
-    unary = unary_from_labels(mask.astype(np.int64), 2, gt_prob=params.gt_prob, zero_unsure=False)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary))
-    crf.addPairwiseGaussian(
-        sxy=params.gaussian_sxy * scale,
-        compat=params.gaussian_compat,
-        kernel=dcrf.DIAG_KERNEL,
-        normalization=dcrf.NORMALIZE_SYMMETRIC,
-    )
-    crf.addPairwiseBilateral(
-        sxy=params.bilateral_sxy * scale,
-        srgb=params.bilateral_srgb,
-        rgbim=np.array(image, dtype=np.uint8, order="C"),  # pydensecrf needs a writable buffer
-        compat=params.bilateral_compat,
-        kernel=dcrf.DIAG_KERNEL,
-        normalization=dcrf.NORMALIZE_SYMMETRIC,
-    )
-    q = np.asarray(crf.inference(params.iterations)).reshape(2, h, w)
-    return q.argmax(axis=0).astype(bool)
-
-
 CRF_ASPECTS = ("squash", "keep")
 CRF_UNIFORMS = ("official", "keep")
 
@@ -270,27 +228,12 @@ def resize_soft(soft: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     return np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
 
 
-def crf_refine(
-    image: np.ndarray,
-    mask_work: np.ndarray,
-    params: CRFParams = CRFParams(),
-    *,
-    aspect: str = "squash",
-    uniform: str = "official",
-) -> np.ndarray:
-    """CRF a working-size mask against the original image; the {0, 1} result at the CRF's size (uint8).
-    Raises what pydensecrf raises; :func:`output_map` takes the result to the original size.
-
-    ``aspect="squash"`` (official): the image is resized to ``max_side`` x ``max_side`` whatever its aspect
-    ratio, with OpenCV's ``INTER_LINEAR`` (which does not antialias), and the pairwise ``sxy`` are used as
-    they are. ``aspect="keep"``: long side ``max_side``, PIL bilinear, ``sxy`` scaled to that size.
-    ``uniform="official"``: a result that is foreground everywhere becomes empty (the official min-max
-    normalisation divides by zero there); ``"keep"`` leaves it.
-    """
+def crf_input(
+    image: np.ndarray, mask_work: np.ndarray, params: CRFParams = OFFICIAL_CRF, *, aspect: str = "squash"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The image and labels the CRF sees: (hc, wc, 3) uint8 and (hc, wc) bool (see :func:`crf_refine`)."""
     if aspect not in CRF_ASPECTS:
         raise ValueError(f"CRF aspect must be 'squash' or 'keep', got {aspect!r}")
-    if uniform not in CRF_UNIFORMS:
-        raise ValueError(f"CRF uniform must be 'official' or 'keep', got {uniform!r}")
     height, width = image.shape[:2]
     if aspect == "squash":
         hc = wc = params.max_side
@@ -312,7 +255,57 @@ def crf_refine(
         )
     else:
         labels = mask_work.astype(bool)
-    out = dense_crf(np.ascontiguousarray(small), labels, params)
+    return np.ascontiguousarray(small), labels
+
+
+def crf_output(out: np.ndarray, *, uniform: str = "official") -> np.ndarray:
+    """A CRF result (bool) as the official code writes it: uint8 {0, 1}; see :func:`crf_refine`."""
+    if uniform not in CRF_UNIFORMS:
+        raise ValueError(f"CRF uniform must be 'official' or 'keep', got {uniform!r}")
     if uniform == "official" and out.all():
-        out = np.zeros_like(out)
+        return np.zeros(out.shape, dtype=np.uint8)
     return out.astype(np.uint8)
+
+
+def crf_refine(
+    image: np.ndarray,
+    mask_work: np.ndarray,
+    params: CRFParams = OFFICIAL_CRF,
+    *,
+    aspect: str = "squash",
+    uniform: str = "official",
+) -> np.ndarray:
+    """CRF a working-size mask against the original image; the {0, 1} result at the CRF's size (uint8).
+    Raises what pydensecrf raises; :func:`output_map` takes the result to the original size.
+
+    ``aspect="squash"`` (official): the image is resized to ``max_side`` x ``max_side`` whatever its aspect
+    ratio, with OpenCV's ``INTER_LINEAR`` (which does not antialias), and the pairwise ``sxy`` are used as
+    they are. ``aspect="keep"``: long side ``max_side``, PIL bilinear, ``sxy`` scaled to that size.
+    ``uniform="official"``: a result that is foreground everywhere becomes empty (the official min-max
+    normalisation divides by zero there); ``"keep"`` leaves it.
+    """
+    if uniform not in CRF_UNIFORMS:
+        raise ValueError(f"CRF uniform must be 'official' or 'keep', got {uniform!r}")
+    small, labels = crf_input(image, mask_work, params, aspect=aspect)
+    return crf_output(dense_crf(small, labels, params), uniform=uniform)
+
+
+def crf_refine_group(
+    images: Sequence[np.ndarray],
+    masks_work: Sequence[np.ndarray],
+    params: CRFParams = OFFICIAL_CRF,
+    *,
+    aspect: str = "squash",
+    uniform: str = "official",
+    workers: int = 1,
+) -> list[np.ndarray]:
+    """:func:`crf_refine` of every image of a group, the CRFs on up to ``workers`` processes
+    (:func:`~cosod.densecrf.run_crfs`; 1 runs them here). Same results whatever ``workers``."""
+    if uniform not in CRF_UNIFORMS:
+        raise ValueError(f"CRF uniform must be 'official' or 'keep', got {uniform!r}")
+    inputs = [crf_input(img, m, params, aspect=aspect) for img, m in zip(images, masks_work, strict=True)]
+    if workers <= 1:
+        raw = [dense_crf(small, labels, params) for small, labels in inputs]
+    else:
+        raw = run_crfs([i[0] for i in inputs], [i[1] for i in inputs], params, workers)
+    return [crf_output(r, uniform=uniform) for r in raw]

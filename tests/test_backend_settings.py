@@ -12,6 +12,8 @@ def test_defaults() -> None:
     assert s.backbone == DEFAULT_BACKBONE == "vit_small_patch8_224.dino"
     assert s.max_refs == 24 and s.group_by == "auto" and s.device == "cpu"
     assert s.label_studio_url is None and not s.basic_auth
+    assert s.crf_workers is None  # the pipeline's default: the CPUs, at most 8
+    assert Settings.from_env({"COSOD_CRF_WORKERS": "3"}).crf_workers == 3
 
 
 def test_full_env_and_aliases() -> None:
@@ -76,6 +78,7 @@ def test_primary_names_win_over_aliases() -> None:
         ({"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": "/"}, "must not be '/'"),
         ({"COSOD_LS_MEDIA_ROOT": "/"}, "COSOD_LS_MEDIA_ROOT must not be '/'"),
         ({"COSOD_READ_AHEAD": "maybe"}, "COSOD_READ_AHEAD must be 1 or 0 .* got 'maybe'"),
+        ({"COSOD_CRF_WORKERS": "0"}, "COSOD_CRF_WORKERS must be >= 1, got 0"),
     ],
 )
 def test_bad_values_are_quoted(env: dict[str, str], message: str) -> None:

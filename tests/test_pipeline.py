@@ -127,7 +127,7 @@ def test_mask_maps_are_the_official_output_and_masks_binarise_them(pipe):
 def test_a_crf_failure_writes_the_whole_group_without_crf(monkeypatch, caplog):
     import cosod.refine as refine
 
-    pipe = Pipeline.build(PipelineConfig(backbone="tiny"))
+    pipe = Pipeline.build(PipelineConfig(backbone="tiny"), crf_workers=1)  # the patched CRF runs here
     images = group(3)
     calls = []
 
@@ -143,6 +143,17 @@ def test_a_crf_failure_writes_the_whole_group_without_crf(monkeypatch, caplog):
     plain = Pipeline.build(PipelineConfig(backbone="tiny", crf=False)).predict_group(images)
     for a, b in zip(with_failure.mask_maps, plain.mask_maps, strict=True):
         assert np.array_equal(a, b)
+
+
+def test_the_crf_workers_change_the_speed_not_the_masks_nor_the_version():
+    images = group(5)
+    one = Pipeline.build(PipelineConfig(backbone="tiny"), crf_workers=1)
+    two = Pipeline.build(PipelineConfig(backbone="tiny"), crf_workers=2)
+    assert Pipeline.build(PipelineConfig(backbone="tiny")).crf_workers >= 1
+    assert one.version_id == two.version_id
+    a, b = one.predict_group(images), two.predict_group(images)
+    for x, y in zip(a.mask_maps, b.mask_maps, strict=True):
+        assert np.array_equal(x, y)
 
 
 def test_every_deliberate_difference_changes_the_version():
