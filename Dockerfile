@@ -44,4 +44,4 @@ EXPOSE 9090
 
 # The API. Workers run the same image with `command: cosod-worker`. No --preload: each gunicorn worker
 # loads the pipeline itself after the fork.
-CMD ["sh", "-c", "exec gunicorn --bind 0.0.0.0:${PORT} --workers ${WORKERS} --threads ${THREADS} --timeout 0 'backend.app:create_app()'"]
+CMD ["sh", "-c", "exec gunicorn --bind 0.0.0.0:${PORT} --workers ${WORKERS} --threads ${THREADS} --timeout 0 'backend.api.app:create_app()'"]

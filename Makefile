@@ -53,7 +53,7 @@ ls-venv: $(LS_VENV)/.installed
 run: install
 	-$(BIN)/cosod weights fetch $(COSOD_BACKBONE) --if-missing
 	$(BIN)/gunicorn --bind $(HOST):$(PORT) --workers $(WORKERS) --threads $(THREADS) --timeout 0 \
-		'backend.app:create_app()'
+		'backend.api.app:create_app()'
 
 # An RQ worker for batch jobs and fine-tunes (needs REDIS_URL, e.g. redis://127.0.0.1:6379/0).
 worker: install

@@ -3,9 +3,9 @@
     python bench/finetune.py                 # 5 groups x 25 images, 20 corrected per group (100), 300 steps
     python bench/finetune.py --steps 150 --groups 3
 
-Runs the real fine-tune job body (``backend.registry.run_finetune``) on synthetic groups whose masks are the
-truth, with the tiny backbone (random features: the scores show the logic works, not what DINO would give),
-a real SQLite store in a temporary folder, and images served from memory instead of Label Studio.
+Runs the real fine-tune job body (``backend.learning.finetune.run_finetune``) on synthetic groups whose masks
+are the truth, with the tiny backbone (random features: the scores show the logic works, not what DINO would
+give), a real SQLite store in a temporary folder, and images served from memory instead of Label Studio.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from backend.corrections import encode_group_key
 from backend.grouping import GroupKey, TaskRef
-from backend.registry import Registry, run_finetune
-from backend.store import Store
+from backend.learning.corrections import encode_group_key
+from backend.learning.finetune import run_finetune
+from backend.learning.store import Store
+from backend.learning.versions import Registry
 from cosod.data import synthetic_group
 from cosod.finetune import FinetuneConfig
 from cosod.pipeline import Pipeline, PipelineConfig

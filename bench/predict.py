@@ -26,7 +26,7 @@ from pathlib import Path
 from common import weights_for
 from PIL import Image
 
-from backend.app import create_app
+from backend.api.app import create_app
 from backend.settings import Settings
 from cosod.data import synthetic_group
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def atomic_write(dest: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+def atomic_write(dest: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:
     """Call ``write(f)`` on a binary temp file next to ``dest``, then rename it to ``dest``."""
     path = Path(dest)
     path.parent.mkdir(parents=True, exist_ok=True)

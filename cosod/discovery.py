@@ -31,6 +31,8 @@ import torch
 from scipy import ndimage
 from scipy.linalg import eigh
 
+from .metrics import iou
+
 log = logging.getLogger(__name__)
 
 TOKENCUT_TAU = 0.2
@@ -137,8 +139,8 @@ def _corner_count(fg: np.ndarray) -> int:
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+    """IoU of two bool masks; 0 when both are empty (:func:`cosod.metrics.iou`)."""
+    return iou(np.asarray(a, dtype=bool), np.asarray(b, dtype=bool), empty=0.0)
 
 
 def maskcut(

@@ -54,10 +54,11 @@ def _as_map(arr: object, what: str) -> np.ndarray:
     return arr
 
 
-def iou(pred_bool: np.ndarray, gt_bool: np.ndarray) -> float:
-    """Intersection over union of two ``HxW bool`` masks, in [0, 1].
+def iou(pred_bool: np.ndarray, gt_bool: np.ndarray, *, empty: float = 1.0) -> float:
+    """Intersection over union of two ``HxW bool`` masks, in [0, 1]; the one IoU of the project.
 
-    By convention two empty masks agree perfectly: ``iou(empty, empty) == 1.0``.
+    Two empty masks give ``empty``: 1.0 by default (they agree perfectly, as a score against ground truth);
+    the mask-discovery and pseudo-label steps pass 0.0 (an empty proposal overlaps nothing).
     """
     for what, arr in (("pred_bool", pred_bool), ("gt_bool", gt_bool)):
         if not isinstance(arr, np.ndarray) or arr.dtype != bool:
@@ -67,7 +68,7 @@ def iou(pred_bool: np.ndarray, gt_bool: np.ndarray) -> float:
         raise ValueError(f"shape mismatch: pred_bool {pred_bool.shape} vs gt_bool {gt_bool.shape}")
     union = np.count_nonzero(pred_bool | gt_bool)
     if union == 0:
-        return 1.0
+        return float(empty)
     return float(np.count_nonzero(pred_bool & gt_bool) / union)
 
 

@@ -28,6 +28,7 @@ import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 
 from .backbones import BackboneFeatures
+from .metrics import iou
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,8 @@ def attention_mask(attention: np.ndarray, mass: float = ATTENTION_MASS) -> np.nd
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+    """IoU of two bool masks; 0 when both are empty (:func:`cosod.metrics.iou`)."""
+    return iou(np.asarray(a, dtype=bool), np.asarray(b, dtype=bool), empty=0.0)
 
 
 def mask_descriptor(tokens: torch.Tensor, mask: np.ndarray) -> np.ndarray:

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.app import create_app
-from backend.brush import rle_to_mask
+from backend.api.app import create_app
+from backend.labelstudio.regions import rle_to_mask
 from backend.settings import Settings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "label_config"
@@ -216,7 +216,7 @@ def test_setup_version_is_stable_and_per_project(client, make_client, spy) -> No
     ("body", "status", "message"),
     [
         ({"schema": BRUSH}, 400, "needs 'project'"),
-        ({"project": "abc", "schema": BRUSH}, 400, "'project' must look like"),
+        ({"project": "abc", "schema": BRUSH}, 400, "'project' must be a positive integer id"),
         ({"project": "12.1", "schema": RECT}, 400, "no BrushLabels or PolygonLabels.*<BrushLabels"),
         ({"project": "12.1", "schema": BRUSH, "extra_params": {"group_by": "folder"}}, 400, "group_by"),
         ({"project": "12.1", "schema": BRUSH, "extra_params": "not json"}, 400, "extra_params"),
@@ -369,7 +369,11 @@ def test_refused_and_oversized_images(make_client, fake_ls) -> None:
         ({"tasks": "x", "project": "12.1"}, 400, "needs 'tasks'"),
         ({"tasks": [{"data": {}}]}, 400, "needs 'project'"),
         ({"tasks": [{"id": 1}], "project": "12.1", "label_config": BRUSH}, 400, "'data' object"),
-        ({"tasks": [{"id": "x", "data": {}}], "project": "12.1", "label_config": BRUSH}, 400, "integer 'id'"),
+        (
+            {"tasks": [{"id": "x", "data": {}}], "project": "12.1", "label_config": BRUSH},
+            400,
+            "'id' must be a positive integer id",
+        ),
         ({"tasks": [5], "project": "12.1", "label_config": BRUSH}, 400, "must be an object"),
         ({"tasks": [{"id": 1, "data": {}}], "project": "12.1", "label_config": RECT}, 400, "<BrushLabels"),
         ({"tasks": [{"id": 1, "data": {}}], "project": "77.1"}, 404, "unknown project 77"),
@@ -418,6 +422,19 @@ def test_webhook_is_fast_and_counts_events(client) -> None:
     assert client.post("/webhook", json={"annotation": {}}).status_code == 400
     text = client.get("/metrics").get_data(as_text=True)
     assert 'cosod_webhook_events_total{action="ANNOTATION_CREATED"} 1' in text
+
+
+def test_a_bulk_delete_is_handled_and_answered_ok(client) -> None:
+    created = {
+        "action": "ANNOTATION_CREATED",
+        "annotation": {"id": 3, "result": []},
+        "task": {"id": 6, "data": {"image": "/data/upload/12/b.png"}},
+        "project": {"id": 12},
+    }
+    assert client.post("/webhook", json=created).json["stored"] == "inserted"
+    bulk = {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 3}], "project": {"id": 12}}
+    r = client.post("/webhook", json=bulk)
+    assert r.status_code == 200 and r.json["status"] == "ok", r.json  # it answered "ignored" before
 
 
 def test_versions(client) -> None:

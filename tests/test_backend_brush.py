@@ -1,4 +1,4 @@
-"""backend.brush: byte identity with the SDK's mask2rle, decoding, region dicts, polygons."""
+"""backend.labelstudio.regions: byte identity with the SDK's mask2rle, decoding, region dicts, polygons."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle, encode_rle, mask2rle
 
-from backend import brush
+from backend.labelstudio import regions as brush
 
 
 def _masks() -> list[np.ndarray]:

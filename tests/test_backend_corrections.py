@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from backend.brush import brush_region
-from backend.corrections import decode_group_key, handle_event, union_brush_mask
 from backend.grouping import GroupKey
-from backend.store import Store
+from backend.labelstudio.regions import brush_region
+from backend.learning.corrections import decode_group_key, handle_event, union_brush_mask
+from backend.learning.store import Store
 
 CONFIG = (
     '<View><Image name="image" value="$img"/><BrushLabels name="tag" toName="image">'
@@ -204,7 +203,7 @@ def test_malformed_payloads_are_refused_with_the_value(tmp_path: Path) -> None:
     assert out["stored"] == "ignored" and out["enqueue"] is False
 
 
-def test_burst_of_200_events_each_well_under_a_second(tmp_path: Path) -> None:
+def test_a_burst_of_200_events_is_stored_and_counted(tmp_path: Path) -> None:
     store = Store(tmp_path)
     rng = np.random.default_rng(0)
     payloads = []
@@ -214,15 +213,11 @@ def test_burst_of_200_events_each_well_under_a_second(tmp_path: Path) -> None:
         m[y : y + 150, x : x + 200] = True
         m |= rng.random((480, 640)) < 0.002  # a few brush specks
         payloads.append(
-            _payload("ANNOTATION_CREATED", ann=1000 + k, task=k, regions=[_region(m)], group=f"g{k % 5}")
+            _payload("ANNOTATION_CREATED", ann=1000 + k, task=k + 1, regions=[_region(m)], group=f"g{k % 5}")
         )
-    times, enqueued = [], 0
-    for p in payloads:
-        t0 = time.perf_counter()
+    enqueued = 0
+    for p in payloads:  # the time per event is measured by bench/webhook.py
         out = handle_event(store, "ANNOTATION_CREATED", p, train_every=10)
-        times.append(time.perf_counter() - t0)
         enqueued += out["enqueue"]
-    print(f"200 events: max {max(times) * 1000:.1f} ms, mean {np.mean(times) * 1000:.1f} ms")
-    assert max(times) < 0.5
     assert store.count_corrections(12) == 200
     assert enqueued == 191  # from the 10th change on, until a fine-tune resets the counter

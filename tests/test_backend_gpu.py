@@ -1,5 +1,6 @@
-"""backend.gpu: replicas of one worker service each claim their own GPU through Redis (database 12, flushed).
-No GPU is needed: the GPU ids come from CUDA_VISIBLE_DEVICES, and the workers' pipeline is the tiny one."""
+"""backend.jobs.gpu: replicas of one worker service each claim their own GPU through Redis (database 12,
+flushed). No GPU is needed: the GPU ids come from CUDA_VISIBLE_DEVICES, and the workers' pipeline is the
+tiny one."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Any
 import pytest
 from redis_db import flushed, url
 
-from backend.gpu import SLOT_KEY, GPUClaimError, claim_gpu, visible_gpus
+from backend.errors import GPUClaimError
+from backend.jobs.gpu import SLOT_KEY, claim_gpu, visible_gpus
 
 REPO = Path(__file__).resolve().parents[1]
 URL = url(12)
@@ -74,8 +76,8 @@ def _worker(tmp_path: Path, name: str, env: dict[str, str], load_seconds: float 
     at least ``load_seconds`` to load."""
     code = (
         "import os, sys, time\n"
-        "import backend.worker as w\n"
-        "from backend.loader import build_pipeline\n"
+        "import backend.jobs.worker as w\n"
+        "from backend.prediction.pipelines import build_pipeline\n"
         "def factory(s):\n"
         f"    open({str(tmp_path / name)!r}, 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>'))\n"
         f"    time.sleep({load_seconds})\n"
@@ -117,7 +119,7 @@ def test_replicas_of_one_worker_service_each_get_a_gpu(conn: Any, tmp_path: Path
             time.sleep(0.2)
         assert sorted((tmp_path / f"w{i}").read_text() for i in range(2)) == ["4", "5"]
         third = subprocess.run(  # no slot left: a clear one-line error after waiting for a dead one's slot
-            [sys.executable, "-m", "backend.worker"],
+            [sys.executable, "-m", "backend.jobs.worker"],
             env={
                 **{k: v for k, v in os.environ.items() if not k.startswith("COSOD_")},
                 "REDIS_URL": URL,

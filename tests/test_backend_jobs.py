@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backend.app import create_app
+from backend.api.app import create_app
 from backend.grouping import GroupKey
-from backend.jobs import group_job_id
+from backend.jobs.enqueue import group_job_id
 from backend.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def client(tiny_pipeline, tmp_path):
     [
         ({"project": "x"}, 400, "'x'"),
         ({"project": 0}, 400, "0"),
-        ({"project": True}, 400, "None"),
+        ({"project": True}, 400, "got True"),
         ({"project": 1, "group_by": 3}, 400, "3"),
         ({"project": 1, "groups": "a"}, 400, "'a'"),
         ({"project": 1, "colour": "red"}, 400, "colour"),
@@ -81,17 +81,17 @@ def _run(args: list[str], **env: str) -> subprocess.CompletedProcess:
 
 
 def test_worker_needs_redis_and_says_so_in_one_line() -> None:
-    run = _run([sys.executable, "-m", "backend.worker"])
+    run = _run([sys.executable, "-m", "backend.jobs.worker"])
     assert run.returncode == 2 and run.stderr.strip() == (
         "cosod-worker: REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)"
     )
-    run = _run([sys.executable, "-m", "backend.worker"], REDIS_URL="redis://127.0.0.1:1/0")
+    run = _run([sys.executable, "-m", "backend.jobs.worker"], REDIS_URL="redis://127.0.0.1:1/0")
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2 and len(lines) == 1 and "127.0.0.1:1" in lines[0]
 
 
 def test_cli_reports_an_unreachable_backend_in_one_line() -> None:
-    run = _run([sys.executable, "-m", "backend.cli", "--backend", "http://127.0.0.1:9", "jobs"])
+    run = _run([sys.executable, "-m", "backend.api.cli", "--backend", "http://127.0.0.1:9", "jobs"])
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2 and len(lines) == 1 and "unreachable" in lines[0]
 

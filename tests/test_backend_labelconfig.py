@@ -1,4 +1,4 @@
-"""backend.labelconfig and the shipped configs in label_config/."""
+"""backend.labelstudio.labelconfig and the shipped configs in label_config/."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from backend.errors import LabelConfigError
-from backend.labelconfig import parse_label_config
+from backend.labelstudio.labelconfig import parse_label_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "label_config"
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from backend.errors import ImageFetchError, ImageRefusedError, LabelStudioError, UnknownProjectError
-from backend.labelstudio import LabelStudioClient
+from backend.labelstudio.client import LabelStudioClient
 from backend.settings import Settings
 from cosod.errors import ImageReadError
 
@@ -214,7 +214,7 @@ def test_unknown_project_and_unreachable_label_studio(fake_ls) -> None:
     ],
 )
 def test_prediction_versions_from_the_data_manager_column(text, versions) -> None:
-    from backend.labelstudio import parse_versions
+    from backend.labelstudio.client import parse_versions
 
     assert parse_versions(text) == versions
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from redis_db import flushed, url
 
-from backend.app import create_app
-from backend.brush import brush_region
-from backend.registry import Registry
+from backend.api.app import create_app
+from backend.labelstudio.regions import brush_region
+from backend.learning.store import Store
+from backend.learning.versions import Registry
 from backend.settings import Settings
-from backend.store import Store
 
 REDIS_URL = url(11)
 

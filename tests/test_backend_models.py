@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from backend.app import create_app
+from backend.api.app import create_app
 from backend.settings import Settings
 
 CONFIG = (

@@ -1,4 +1,5 @@
-"""backend.prefetch: the store of images read ahead (used once, bounded in bytes and age) and its filling."""
+"""backend.labelstudio.readahead: the store of images read ahead (used once, bounded in bytes and age), and
+its filling."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from backend.prefetch import ImagesAhead
+from backend.labelstudio.readahead import ImagesAhead
 
 
 def test_an_image_is_taken_once_then_read_again() -> None:

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from backend import queue as jobqueue
-from backend.queue import InProcessQueue, get_queue
+from backend.jobs import queue as jobqueue
+from backend.jobs.local import InProcessQueue
+from backend.jobs.queue import get_queue
 from backend.settings import Settings
 
 TTL = {"timeout": 60, "result_ttl": 60, "failure_ttl": 60}

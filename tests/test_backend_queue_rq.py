@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from backend import queue as jobqueue
-from backend.queue import QueueUnavailableError, RQQueue
+from backend.errors import QueueUnavailableError
+from backend.jobs import queue as jobqueue
+from backend.jobs.rqueue import RQQueue
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +90,7 @@ def worker(tmp_path: Path, name: str) -> Iterator[subprocess.Popen]:
     log = tmp_path / f"{name}.log"
     with open(log, "ab") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "backend.worker", "--name", name],
+            [sys.executable, "-m", "backend.jobs.worker", "--name", name],
             env=env,
             cwd=REPO,
             stdout=fh,
@@ -196,8 +197,8 @@ def test_a_killed_job_without_retries_can_be_asked_again_at_once(q: RQQueue, tmp
 
 
 def test_the_rq_internals_the_worker_overrides_keep_their_shape() -> None:
-    """``backend.worker`` reimplements ``SimpleWorker.execute_job`` with a heartbeat thread; it calls these
-    rq internals by position. A new rq that renames or reorders them fails here, not in production."""
+    """``backend.jobs.worker`` reimplements ``SimpleWorker.execute_job`` with a heartbeat thread; it calls
+    these rq internals by position. A new rq that renames or reorders them fails here, not in production."""
     import inspect
 
     from rq.worker import BaseWorker, SimpleWorker

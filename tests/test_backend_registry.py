@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from backend.corrections import encode_group_key
 from backend.grouping import GroupKey, TaskRef
-from backend.registry import Registry, VersionRecord, run_finetune
-from backend.store import Store
+from backend.learning.corrections import encode_group_key
+from backend.learning.finetune import run_finetune
+from backend.learning.store import Store
+from backend.learning.versions import Registry, VersionRecord
 from cosod import finetune as ft
 from cosod.data import synthetic_group
 from cosod.pipeline import Pipeline, PipelineConfig
@@ -303,7 +304,7 @@ def test_version_record_roundtrip(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ums_project_finetunes_registers_and_serves_its_head(tmp_path: Path) -> None:
-    from backend.registry import load_head_pipeline
+    from backend.learning.versions import load_head_pipeline
     from cosod.backbones import build_backbone
     from cosod.ums.checkpoint import UMSCheckpoint, load_ums
     from cosod.ums.net import UMSNet

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle as sdk_decode_rle
 
-from backend.brush import decode_rle, encode_rle, mask_to_rle, rle_to_mask_fast
+from backend.labelstudio.regions import decode_rle, encode_rle, mask_to_rle, rle_to_mask_fast
 
 
 def _bits_to_bytes(bits: str) -> list[int]:

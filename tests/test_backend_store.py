@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend.store import Store, png_to_mask
+from backend.learning.store import Store, png_to_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,7 @@ def test_correction_survives_sigkill_right_after_the_write(tmp_path: Path) -> No
     proc = _run(
         f"""
         import os, sys, time, numpy as np
-        from backend.store import Store
+        from backend.learning.store import Store
         s = Store({str(tmp_path)!r})
         m = np.zeros((9, 11), bool); m[2:5, 3:8] = True
         print(s.put_correction(project=3, annotation_id=1, task_id=2, group_key="k", image_url="u", mask=m),
@@ -153,7 +153,7 @@ def test_concurrent_writers_from_several_processes(tmp_path: Path) -> None:
         _run(
             f"""
             import numpy as np
-            from backend.store import Store
+            from backend.learning.store import Store
             s = Store({str(tmp_path)!r})
             for k in range(40):
                 m = np.zeros((8, 8), bool); m[: (k % 8) + 1] = True

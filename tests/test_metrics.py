@@ -195,6 +195,7 @@ def test_iou() -> None:
     a = np.zeros((4, 4), bool)
     b = np.zeros((4, 4), bool)
     assert iou(a, b) == 1.0  # both empty: perfect agreement by convention
+    assert iou(a, b, empty=0.0) == 0.0  # as mask discovery and pseudo-labels count an empty pair
     a[0, :3] = True
     b[0, 1:] = True
     assert iou(a, b) == pytest.approx(0.5)

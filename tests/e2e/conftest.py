@@ -180,7 +180,7 @@ def label_studio(ls_template: LSTemplate, tmp_path_factory: pytest.TempPathFacto
 
 @contextmanager
 def run_backend(ls_url: str, api_key: str, base: Path, **extra_env: str) -> Iterator[Server]:
-    """gunicorn serving ``backend.app:create_app()`` with the tiny backbone, one worker, four threads;
+    """gunicorn serving ``backend.api.app:create_app()`` with the tiny backbone, one worker, four threads;
     yields once /health answers 200 (backbone loaded)."""
     base.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -214,7 +214,7 @@ def run_backend(ls_url: str, api_key: str, base: Path, **extra_env: str) -> Iter
         "0",
         "--chdir",
         str(REPO),
-        "backend.app:create_app()",
+        "backend.api.app:create_app()",
     ]
     with open(log, "ab") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
@@ -270,8 +270,8 @@ def run_worker(
     full.update({"COSOD_BACKBONE": "tiny", "LOG_LEVEL": "INFO", "COSOD_WORKER_HEARTBEAT": "1", **env})
     code = (
         "import sys, time\n"
-        "import backend.worker as w\n"
-        "from backend.loader import build_pipeline\n"
+        "import backend.jobs.worker as w\n"
+        "from backend.prediction.pipelines import build_pipeline\n"
         f"DELAY = {slow_s!r}\n"
         "class Slow:\n"
         "    def __init__(self, inner): self.inner = inner\n"

@@ -15,7 +15,7 @@ import pytest
 import requests
 from PIL import Image
 
-from backend.brush import rle_to_mask
+from backend.labelstudio.regions import rle_to_mask
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

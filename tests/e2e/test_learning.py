@@ -13,8 +13,8 @@ import pytest
 import requests
 from PIL import Image
 
-from backend.brush import brush_region
-from backend.store import Store
+from backend.labelstudio.regions import brush_region
+from backend.learning.store import Store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -171,7 +171,7 @@ def test_prelabel_in_process_and_the_cli(label_studio: Any, backend: Any, e2e: A
     ls = label_studio
     project, task_group = e2e.create_grouped_project(ls, {"reds": 3, "blues": 2}, title="in-process prelabel")
     version = model_version(backend, project)
-    cli = [sys.executable, "-m", "backend.cli", "--backend", backend.url]
+    cli = [sys.executable, "-m", "backend.api.cli", "--backend", backend.url]
     run = subprocess.run(
         [*cli, "prelabel", "--project", str(project), "--wait", "--poll", "0.1"],
         capture_output=True,

@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 
-from backend import labelstudio
-from backend.errors import LabelStudioError
+from backend.errors import LabelStudioError, LabelStudioUnavailableError
 from backend.grouping import GroupKey, TaskRef
-from backend.jobs import JobContext, _predicted, _push
-from backend.labelstudio import LabelStudioClient, LabelStudioUnavailableError, TaskState
+from backend.jobs.context import JobContext
+from backend.jobs.prelabel import _predicted, _push
+from backend.labelstudio import client as labelstudio
+from backend.labelstudio.client import LabelStudioClient, TaskState
 from backend.settings import Settings
 
 pytestmark = [pytest.mark.e2e]

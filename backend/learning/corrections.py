@@ -26,15 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from .brush import rle_to_mask_fast
-from .grouping import GroupKey, group_key
+from ..grouping import GroupKey, group_key
+from ..labelstudio.protocol import ANNOTATION_EVENTS, DELETE_EVENTS, TRAIN_EVENT, parse_id
+from ..labelstudio.regions import rle_to_mask_fast
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
-DELETE_EVENTS = ("ANNOTATION_DELETED", "ANNOTATIONS_DELETED")
-TRAIN_EVENT = "START_TRAINING"
 DEFAULT_TRAIN_EVERY = 10
 
 
@@ -46,16 +44,6 @@ def encode_group_key(key: GroupKey) -> str:
 def decode_group_key(text: str) -> GroupKey:
     rule, value = json.loads(text)
     return GroupKey(str(rule), None if value is None else str(value))
-
-
-def _int_id(value: Any, what: str) -> int:
-    if isinstance(value, Mapping):
-        value = value.get("id")
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, str) and value.split(".", 1)[0].isdigit():
-            return int(value.split(".", 1)[0])
-        raise ValueError(f"{what} needs an integer id, got {value!r}")
-    return value
 
 
 def union_brush_mask(
@@ -106,7 +94,7 @@ def _image_key(project: Mapping[str, Any]) -> str | None:
     xml = project.get("label_config") if isinstance(project, Mapping) else None
     if not isinstance(xml, str) or not xml.strip():
         return None
-    from .labelconfig import parse_label_config
+    from ..labelstudio.labelconfig import parse_label_config
 
     try:
         return parse_label_config(xml).image_key
@@ -144,7 +132,7 @@ def handle_event(
     if project_obj is None:
         out.update(stored="ignored", pending=0, enqueue=False, reason="no project in the payload")
         return out
-    pid = _int_id(project_obj, "project")
+    pid = parse_id(project_obj, "project")
     out["project"] = pid
     stored = "ignored"
     if action == TRAIN_EVENT:
@@ -152,9 +140,9 @@ def handle_event(
         stored = "training_requested"
     elif action in DELETE_EVENTS:
         items = payload.get("annotations") or ([annotation] if annotation is not None else [])
-        removed = [store.delete_correction(pid, _int_id(a, "annotation")) for a in items]
+        removed = [store.delete_correction(pid, parse_id(a, "annotation")) for a in items]
         stored = "deleted" if any(removed) else "unchanged"
-        out["annotation"] = _int_id(items[0], "annotation") if len(items) == 1 else None
+        out["annotation"] = parse_id(items[0], "annotation") if len(items) == 1 else None
     elif action in ANNOTATION_EVENTS:
         stored = _store_annotation(store, pid, payload, out, group_by, image_key, from_names)
     pending = store.pending(pid)
@@ -178,9 +166,9 @@ def _store_annotation(
     annotation = payload.get("annotation")
     if not isinstance(annotation, Mapping):
         raise ValueError(f"{out['action']} needs an 'annotation' object, got {annotation!r}")
-    aid = _int_id(annotation, "annotation")
+    aid = parse_id(annotation, "annotation")
     task = payload.get("task") if isinstance(payload.get("task"), Mapping) else None
-    tid = _int_id(task if task is not None else annotation.get("task"), "task")
+    tid = parse_id(task if task is not None else annotation.get("task"), "task")
     out.update(annotation=aid, task=tid)
     if annotation.get("was_cancelled"):
         return "deleted" if store.delete_correction(pid, aid) else "ignored"

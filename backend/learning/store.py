@@ -11,8 +11,8 @@ webhooks change nothing); an event older than the stored one (``ls_updated``, La
 event cannot bring it back. Every real change bumps the project's ``change_seq``; a fine-tune records the
 sequence it trained on (``trained_seq``), and the difference is the number of pending changes.
 
-The ``versions`` and ``active`` tables belong to :mod:`backend.registry`; they live here so one file and one
-transaction cover a registration, a promotion and the counter reset.
+The ``versions`` and ``active`` tables belong to :mod:`backend.learning.versions`; they live here so one file
+and one transaction cover a registration, a promotion and the counter reset.
 """
 
 from __future__ import annotations

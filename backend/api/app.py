@@ -1,6 +1,9 @@
 """The Label Studio ML backend protocol on Flask: /health, /setup, /predict, /webhook, /versions, /metrics.
 
-Serve with ``gunicorn --workers 1 --threads 4 --timeout 0 'backend.app:create_app()'`` (no ``--preload``: each
+:func:`create_app` is the composition root of the API process: it builds the model
+(:func:`backend.prediction.build_model`, with the fine-tune trigger of :mod:`backend.jobs.finetuning`),
+installs the job context and registers the routes. Serve with
+``gunicorn --workers 1 --threads 4 --timeout 0 'backend.api.app:create_app()'`` (no ``--preload``: each
 worker loads the backbone itself, in a background thread started here). Every error reaches the client as
 JSON ``{"error": ..., "status": ...}``; tracebacks stay in the log.
 """
@@ -10,25 +13,25 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from functools import partial
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from . import jobs
-from .errors import BackendError, BadRequestError
-from .jobs_api import blueprint as jobs_blueprint
-from .labelstudio import LabelStudioClient
-from .loader import PipelineFactory, PipelineLoader
-from .metrics import default_metrics
-from .model import CoSODModel
-from .projects import parse_project_id
-from .settings import Settings
+from ..errors import BackendError, BadRequestError
+from ..jobs.context import JobContext, install_context
+from ..jobs.enqueue import enqueue_finetune
+from ..labelstudio.protocol import LEARNING_EVENTS, parse_id
+from ..metrics import default_metrics
+from ..prediction import build_model
+from ..prediction.pipelines import PipelineFactory
+from ..settings import Settings
+from .jobs_routes import blueprint as jobs_blueprint
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 256 * 1024 * 1024  # a request body over this gets a JSON 413
-TRAINING_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "START_TRAINING")
 
 
 def _json_body() -> dict[str, Any]:
@@ -87,11 +90,12 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
     settings = settings or Settings.from_env()
     _configure_logging(settings.log_level)
     metrics = default_metrics()
-    loader = PipelineLoader(settings, pipeline_factory)
-    ls = LabelStudioClient(settings)
-    model = CoSODModel(settings, loader, ls, metrics)
+    model = build_model(
+        settings, pipeline_factory, metrics, schedule_finetune=partial(enqueue_finetune, settings)
+    )
+    loader, ls = model.loader, model.ls
     redis_probe = RedisProbe(settings.redis_url)
-    jobs.install_context(jobs.JobContext(settings, loader, ls, model))
+    install_context(JobContext.of(model))
 
     app = Flask(__name__)
     app.config["JSON_SORT_KEYS"] = False
@@ -192,7 +196,7 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
         body = _json_body()
         if "project" not in body:
             raise BadRequestError("/setup needs 'project' ('<id>.<timestamp>')")
-        pid = parse_project_id(body["project"])
+        pid = parse_id(body["project"], "'project'")
         schema = body.get("schema")
         if schema is not None and not isinstance(schema, str):
             raise BadRequestError(
@@ -215,8 +219,9 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
         label_config = body.get("label_config")
         if label_config is not None and not isinstance(label_config, str):
             raise BadRequestError("'label_config' must be the label config XML string")
-        project = model.project(parse_project_id(raw_project), label_config)
-        params = body.get("params") if isinstance(body.get("params"), dict) else {}
+        project = model.project(parse_id(raw_project, "'project'"), label_config)
+        raw_params = body.get("params")
+        params = raw_params if isinstance(raw_params, dict) else {}
         items, errors = model.predict(tasks, project=project, context=params.get("context"))
         out: dict[str, Any] = {"results": items}
         if errors:
@@ -231,7 +236,7 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
             raise BadRequestError("/webhook needs 'action' (e.g. ANNOTATION_CREATED)")
         metrics.inc("webhook_events_total", {"action": action})
         info = model.fit(action, body)
-        status = "ok" if action in TRAINING_EVENTS else "ignored"
+        status = "ok" if action in LEARNING_EVENTS else "ignored"
         return jsonify(status=status, **info), 200
 
     @app.get("/versions")
@@ -240,7 +245,7 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
         if raw is None:
             body = request.get_json(force=True, silent=True)
             raw = body.get("project") if isinstance(body, dict) else None
-        pid = parse_project_id(raw) if raw is not None else None
+        pid = parse_id(raw, "'project'") if raw is not None else None
         projects = model.versions(pid)
         names = [p["active"] for p in projects]
         for p in projects:

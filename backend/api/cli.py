@@ -19,14 +19,11 @@ from typing import Any
 
 import requests
 
-from .settings import Settings
+from ..errors import UsageError
+from ..settings import Settings
 
 DEFAULT_BACKEND = "http://127.0.0.1:9090"
 FINAL = ("finished", "failed", "canceled", "stopped")
-
-
-class UsageError(Exception):
-    """Bad input or an unreachable service: one line on stderr, exit code 2."""
 
 
 class Api:
@@ -98,8 +95,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _registry(settings: Settings) -> Any:
-    from .registry import Registry
-    from .store import Store
+    from ..learning.store import Store
+    from ..learning.versions import Registry
 
     return Registry(Store(settings.model_dir))
 

@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .errors import NotReadyError
-from .settings import Settings
+from ..errors import NotReadyError
+from ..settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,11 @@ and ``pipeline.version_id`` (which changes with the config, the backbone weights
 Example: ``scosparc-p12-3fa4c2d1``. It is a pure function of those inputs, so every worker and every restart
 agrees, and Label Studio's dedup (§1.3 of the protocol doc) never sees two versions for one model.
 
-**Groups.** A task is predicted together with its whole group (see ``grouping.py``): the other members come
-from Label Studio (SDK task list, cached), their images are fetched, and ``Pipeline.predict_group`` runs on
-at most ``COSOD_MAX_GROUP_IMAGES`` images (beyond that: the asked tasks plus K evenly spread references).
-Results are cached per (model version, group content digest), so the next task of the group answers at once.
+**Groups.** A task is predicted together with its whole group (see :mod:`backend.grouping`): the other
+members come from Label Studio (SDK task list, cached), their images are fetched, and
+``Pipeline.predict_group`` runs on at most ``COSOD_MAX_GROUP_IMAGES`` images (beyond that: the asked tasks
+plus K evenly spread references). Results are cached per (model version, group content digest)
+(:mod:`.groupcache`), so the next task of the group answers at once.
 """
 
 from __future__ import annotations
@@ -18,82 +19,46 @@ import hashlib
 import logging
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from cosod.errors import ImageReadError
 
-from . import brush
-from .corrections import handle_event
-from .errors import BackendError, BadRequestError, ImageFetchError, ImageRefusedError, UnknownProjectError
-from .grouping import GroupKey, TaskRef, choose_subset, group_digest, group_key, members
-from .labelconfig import LabelConfig
-from .labelstudio import LabelStudioClient
-from .loader import PipelineLoader
-from .metrics import Metrics
+from ..errors import BackendError, BadRequestError, ImageFetchError, ImageRefusedError, UnknownProjectError
+from ..grouping import GroupKey, TaskRef, choose_subset, group_digest, group_key, members
+from ..labelstudio import regions as regions_lib
+from ..labelstudio.client import LabelStudioClient
+from ..labelstudio.labelconfig import LabelConfig
+from ..labelstudio.protocol import LEARNING_EVENTS, changes_membership, parse_id
+from ..learning.corrections import handle_event
+from ..learning.store import Store
+from ..learning.versions import Registry
+from ..metrics import Metrics
+from ..settings import Settings
+from .groupcache import GroupCache, Outcome
+from .pipelines import PipelineLoader
 from .projects import Project, ProjectRegistry
-from .registry import Registry
-from .settings import Settings
-from .store import Store
 
 log = logging.getLogger(__name__)
-
-CORRECTION_EVENTS = (
-    "ANNOTATION_CREATED",
-    "ANNOTATION_UPDATED",
-    "ANNOTATION_DELETED",
-    "ANNOTATIONS_DELETED",
-    "START_TRAINING",
-)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """A task's result within a group: a mask and score, or the reason there is none."""
-
-    mask: np.ndarray | None = None
-    score: float = 0.0
-    error: str | None = None
-    kind: str | None = None  # "image_unreadable" | "image_refused" | "image_fetch"
-
-
-class GroupCache:
-    """LRU of group results: (model version, group digest) -> {task id: Outcome}."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._lock = threading.Lock()
-        self._data: OrderedDict[tuple[str, str], dict[int, Outcome]] = OrderedDict()
-
-    def get(self, key: tuple[str, str]) -> dict[int, Outcome]:
-        with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                return dict(self._data[key])
-            return {}
-
-    def put(self, key: tuple[str, str], outcomes: Mapping[int, Outcome]) -> None:
-        with self._lock:
-            merged = {**self._data.get(key, {}), **outcomes}
-            self._data[key] = merged
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._data)
 
 
 class CoSODModel:
     """One per process; holds per-project state, the group cache and the Label Studio client."""
 
-    def __init__(self, settings: Settings, loader: PipelineLoader, ls: LabelStudioClient, metrics: Metrics):
+    def __init__(
+        self,
+        settings: Settings,
+        loader: PipelineLoader,
+        ls: LabelStudioClient,
+        metrics: Metrics,
+        *,
+        schedule_finetune: Callable[[int], str] | None = None,
+    ):
         self.settings = settings
+        self.schedule_finetune = schedule_finetune
         self.loader = loader
         self.ls = ls
         self.metrics = metrics
@@ -154,11 +119,11 @@ class CoSODModel:
         pid = project.get("id") if isinstance(project, Mapping) else None
         task = data.get("task") if isinstance(data, Mapping) else None
         tid = task.get("id") if isinstance(task, Mapping) else None
-        if event.startswith("TASKS_") or event in ("PROJECT_UPDATED",):
+        if changes_membership(event):
             if isinstance(pid, int):
                 self.ls.forget_project(pid)  # the group membership may have changed
         info: dict[str, Any] = {"action": event, "project": pid, "task": tid}
-        if event not in CORRECTION_EVENTS:
+        if event not in LEARNING_EVENTS:
             log.info("webhook %s project=%s task=%s", event, pid, tid)
             return info
         known = self._known_project(pid)
@@ -174,10 +139,8 @@ class CoSODModel:
         except ValueError as exc:
             raise BadRequestError(f"{event}: {exc}") from None
         info.update(stored=out.get("stored"), pending=out.get("pending"), reason=out.get("reason"))
-        if out.get("enqueue") and isinstance(pid, int):
-            from .jobs import enqueue_finetune  # jobs imports this module
-
-            info["finetune_job"] = enqueue_finetune(self.settings, pid)
+        if out.get("enqueue") and isinstance(pid, int) and self.schedule_finetune is not None:
+            info["finetune_job"] = self.schedule_finetune(pid)
         log.info("webhook %s project=%s task=%s: %s", event, pid, tid, info)
         return info
 
@@ -229,7 +192,7 @@ class CoSODModel:
         self.metrics.inc("predicted_tasks_total", value=len(items))
         return items, errors
 
-    # -- building blocks shared with the batch jobs (backend/jobs.py) -----------------------------------
+    # -- building blocks shared with the batch jobs (backend/jobs/) -----------------------------------
     def compute(self, tasks: list[TaskRef], image_key: str, pipeline: Any) -> dict[int, Outcome]:
         """Fetch the tasks' images and run one ``predict_group`` on them: task id -> :class:`Outcome`."""
         return self._compute(tasks, image_key, pipeline)
@@ -244,12 +207,12 @@ class CoSODModel:
         if not out.mask.any():
             return regions
         for c in config.controls:
-            rid = brush.region_id(task_id, c.from_name)
-            kw = dict(from_name=c.from_name, to_name=c.to_name, label=c.label, score=out.score, rid=rid)
+            rid = regions_lib.region_id(task_id, c.from_name)
+            names = {"from_name": c.from_name, "to_name": c.to_name, "label": c.label}
             if c.kind == "brushlabels":
-                regions.append(brush.brush_region(out.mask, **kw))
+                regions.append(regions_lib.brush_region(out.mask, **names, score=out.score, rid=rid))
             else:
-                regions.extend(brush.polygon_regions(out.mask, **kw))
+                regions.extend(regions_lib.polygon_regions(out.mask, **names, score=out.score, rid=rid))
         return regions
 
     def _members(self, project: Project, key: GroupKey, asked: list[TaskRef]) -> list[TaskRef]:
@@ -350,9 +313,7 @@ class CoSODModel:
 def _task_ref(task: Any, index: int) -> TaskRef:
     if not isinstance(task, Mapping):
         raise BadRequestError(f"tasks[{index}] must be an object, got {type(task).__name__}")
-    tid, data = task.get("id"), task.get("data")
-    if not isinstance(tid, int) or isinstance(tid, bool):
-        raise BadRequestError(f"tasks[{index}] needs an integer 'id', got {tid!r}")
+    tid, data = parse_id(task.get("id"), f"tasks[{index}] 'id'"), task.get("data")
     if not isinstance(data, Mapping):
         raise BadRequestError(f"tasks[{index}] (id {tid}) needs a 'data' object, got {type(data).__name__}")
     return TaskRef(tid, dict(data))

@@ -27,13 +27,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import GPUClaimError
+
 log = logging.getLogger(__name__)
 
 SLOT_KEY = "cosod:gpu:{pool}:{gpu}:{k}"
-
-
-class GPUClaimError(RuntimeError):
-    """No GPU could be chosen; the message says why and what to change."""
 
 
 def visible_gpus(env: dict[str, str] | None = None) -> list[str]:

@@ -20,9 +20,9 @@ from typing import Any
 
 from cosod.atomic import atomic_write
 
-from .errors import BackendError, BadRequestError, UnknownProjectError
-from .labelconfig import LabelConfig, parse_label_config
-from .settings import MODELS, Settings, parse_group_by
+from ..errors import BackendError, BadRequestError, UnknownProjectError
+from ..labelstudio.labelconfig import LabelConfig, parse_label_config
+from ..settings import MODELS, Settings, parse_group_by
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,6 @@ class Project:
     extra_params: dict[str, Any] = field(default_factory=dict)
     model: str = "scosparc"
     stamp: tuple[int, int] | None = None  # (inode, mtime) of its file under MODEL_DIR, once loaded or saved
-
-
-def parse_project_id(value: Any) -> int:
-    """``"12.1795340308"`` (id.created-timestamp, as LS sends it), ``"12"`` or ``12`` -> 12."""
-    text = str(value).split(".", 1)[0].strip() if value is not None else ""
-    if not text.isdigit():
-        raise BadRequestError(f"'project' must look like '<id>.<timestamp>' or '<id>', got {value!r}")
-    return int(text)
 
 
 def parse_extra_params(value: Any) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from .errors import LabelConfigError
+from ..errors import LabelConfigError
 
 SUPPORTED = ("brushlabels", "polygonlabels")
 EXAMPLE = (

@@ -12,26 +12,24 @@ Bad input answers 4xx JSON naming the problem; a Redis outage answers 503.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from . import jobs
-from . import queue as jobqueue
-from .errors import BackendError, BadRequestError, UnknownProjectError
-from .settings import Settings
+from ..errors import (
+    BadRequestError,
+    JobNotFoundError,
+    QueueDownError,
+    TransientJobError,
+    UnknownProjectError,
+)
+from ..jobs import queue as jobqueue
+from ..jobs.enqueue import enqueue_prelabel
+from ..labelstudio.protocol import parse_id
+from ..settings import Settings
 
 log = logging.getLogger(__name__)
 
 blueprint = Blueprint("jobs", __name__)
-
-
-class QueueDownError(BackendError):
-    status = 503
-
-
-class JobNotFoundError(BackendError):
-    status = 404
 
 
 def _settings() -> Settings:
@@ -42,16 +40,6 @@ def _queue() -> jobqueue.JobQueue:
     return jobqueue.get_queue(_settings())
 
 
-def _project_id(value: Any, where: str) -> int:
-    if isinstance(value, bool):
-        value = None
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if not isinstance(value, int) or value < 1:
-        raise BadRequestError(f"{where} must be a positive integer project id, got {value!r}")
-    return value
-
-
 @blueprint.post("/jobs/prelabel")
 def prelabel() -> tuple[Response, int]:
     body = request.get_json(force=True, silent=True)
@@ -60,7 +48,7 @@ def prelabel() -> tuple[Response, int]:
     unknown = sorted(set(body) - {"project", "group_by", "groups"})
     if unknown:
         raise BadRequestError(f"unknown field(s) {unknown}; allowed: project, group_by, groups")
-    pid = _project_id(body.get("project"), "'project'")
+    pid = parse_id(body.get("project"), "'project'")
     group_by = body.get("group_by")
     if group_by is not None and not isinstance(group_by, str):
         raise BadRequestError(f"'group_by' must be 'project' or 'field:<name>', got {group_by!r}")
@@ -68,8 +56,8 @@ def prelabel() -> tuple[Response, int]:
     if groups is not None and not isinstance(groups, list):
         raise BadRequestError(f"'groups' must be a list of group names, got {groups!r}")
     try:
-        enqueued = jobs.enqueue_prelabel(pid, group_by, groups)
-    except (jobqueue.QueueUnavailableError, jobs.TransientJobError) as exc:
+        enqueued = enqueue_prelabel(pid, group_by, groups)
+    except (jobqueue.QueueUnavailableError, TransientJobError) as exc:
         raise QueueDownError(str(exc)) from None
     except UnknownProjectError as exc:
         raise UnknownProjectError(f"unknown project {pid}: {exc}") from None
@@ -98,7 +86,7 @@ def get_job(job_id: str) -> Response:
 @blueprint.get("/jobs")
 def list_jobs() -> Response:
     raw = request.args.get("project")
-    pid = _project_id(raw, "'project'") if raw is not None else None
+    pid = parse_id(raw, "'project'") if raw is not None else None
     try:
         found = _queue().list(pid)
     except jobqueue.QueueUnavailableError as exc:

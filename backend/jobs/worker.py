@@ -31,11 +31,12 @@ import threading
 import uuid
 from typing import Any
 
-from .gpu import GPUClaimError, claim_gpu, visible_gpus
-from .jobs import JobContext, install_context
-from .loader import PipelineFactory
-from .queue import redis_connection
-from .settings import Settings
+from ..errors import GPUClaimError
+from ..prediction.pipelines import PipelineFactory
+from ..settings import Settings
+from .context import JobContext, install_context
+from .gpu import claim_gpu, visible_gpus
+from .rqueue import redis_connection
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def worker_class(heartbeat: int) -> type:
     """A ``SimpleWorker`` that heartbeats while a job runs, so a killed worker's job is re-queued soon."""
     from rq.worker import SimpleWorker, WorkerStatus
 
-    class CosodWorker(SimpleWorker):  # type: ignore[misc, valid-type]
+    class CosodWorker(SimpleWorker):
         heartbeat_interval = heartbeat
 
         def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:

@@ -1,0 +1,128 @@
+"""Turning requests into jobs: deterministic job ids (asking twice queues nothing new) and the enqueueing.
+
+- :func:`prelabel_project` / :func:`enqueue_prelabel` (run where they are called, e.g. in the API): list the
+  project's groups and enqueue one :func:`~backend.jobs.prelabel.prelabel_group` per group, with the id
+  ``prelabel-p<project>-<12 hex of the group and its task ids>-<model version>``. Asking twice enqueues
+  nothing new: a job with that id that is queued, running or finished is left alone. A group whose tasks
+  changed since gets a new job, which skips what is predicted.
+- :func:`enqueue_finetune`: the project's fine-tune (:func:`backend.jobs.finetuning.finetune`), unless one
+  is queued or running; the webhook calls it through ``CoSODModel.schedule_finetune``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Sequence
+
+from ..grouping import GroupKey, effective_rule, group_key, members
+from ..labelstudio.protocol import parse_id
+from ..settings import Settings, parse_group_by
+from . import queue as jobqueue
+from .context import context, project_state, retrying
+from .finetuning import finetune
+from .prelabel import prelabel_group
+
+log = logging.getLogger(__name__)
+
+
+def group_job_id(project_id: int, key: GroupKey, model_version: str, task_ids: Iterable[int] = ()) -> str:
+    """``prelabel-p<project>-<12 hex of the group's rule, value and task ids>-<model version>``: asking again
+    for an unchanged group finds its job; a group with tasks added or removed since gets a new one."""
+    h = hashlib.sha256(f"{key.rule}\x00{key.value}".encode())
+    for task_id in sorted(set(task_ids)):
+        h.update(f"\x00{task_id}".encode())
+    return f"prelabel-p{project_id}-{h.hexdigest()[:12]}-{model_version}"
+
+
+def enqueue_prelabel(
+    project_id: int, group_by: str | None = None, groups: Sequence[str | None] | None = None
+) -> list[jobqueue.Enqueued]:
+    """Enqueue one :func:`prelabel_group` per group of the project (or per listed group value; ``None``
+    names the group of tasks without the field). Returns each job id and whether it was created now."""
+    project_id = parse_id(project_id, "project")
+    if groups is not None and (
+        isinstance(groups, str) or not all(g is None or isinstance(g, str) for g in groups)
+    ):
+        raise ValueError(f"groups must be a list of group names (strings or null), got {groups!r}")
+    ctx = context()
+    project = project_state(ctx, project_id, attempts=1)  # an HTTP request is waiting: fail fast
+    rule = effective_rule(parse_group_by(group_by) if group_by is not None else project.group_by)
+    ctx.loader.require(timeout=60.0, model=project.model)
+    version = ctx.model.serving(project)[1]
+    tasks = retrying(
+        ctx,
+        f"listing the tasks of project {project_id}",
+        lambda: ctx.ls.project_tasks(project_id, refresh=True, sdk_retries=0),
+        attempts=1,
+    )
+    keys = sorted({group_key(t.data, rule) for t in tasks}, key=lambda k: (k.value is None, k.value or ""))
+    if groups is not None:
+        known = {k.value for k in keys}
+        unknown = [g for g in groups if g not in known]
+        if unknown:
+            shown = sorted(str(v) for v in known)[:20]
+            raise ValueError(f"project {project_id} has no group {unknown!r} under {rule!r}; groups: {shown}")
+        keys = [k for k in keys if k.value in set(groups)]
+    q = jobqueue.get_queue(ctx.settings)
+    s = ctx.settings
+    out = []
+    for key in keys:
+        ids = [t.id for t in members(tasks, key)]
+        out.append(
+            q.enqueue(
+                prelabel_group,
+                project_id,
+                key,
+                version,
+                ids,
+                job_id=group_job_id(project_id, key, version, ids),
+                timeout=s.job_timeout,
+                result_ttl=s.job_result_ttl,
+                failure_ttl=s.job_failure_ttl,
+                retries=s.job_retries,
+                meta={
+                    "project": project_id,
+                    "group": str(key),
+                    "model_version": version,
+                    "progress": {"done": 0, "total": len(ids)},
+                },
+                description=f"pre-annotate project {project_id} group {key} with {version}",
+            )
+        )
+    created = sum(e.created for e in out)
+    log.info("project %s: %d group jobs, %d new (version %s)", project_id, len(out), created, version)
+    return out
+
+
+def prelabel_project(
+    project_id: int, group_by: str | None = None, groups: Sequence[str | None] | None = None
+) -> list[str]:
+    """The job ids of the project's group jobs (enqueued when not already queued, running or finished)."""
+    return [e.job_id for e in enqueue_prelabel(project_id, group_by, groups)]
+
+
+def finetune_job_id(project_id: int) -> str:
+    return f"finetune-p{project_id}"
+
+
+def enqueue_finetune(settings: Settings, project_id: int) -> str:
+    """Enqueue the project's fine-tune unless one is already queued or running (one id per project, not
+    kept once finished, so the next batch of corrections can start the next one). Returns the job id."""
+    q = jobqueue.get_queue(settings)
+    enq = q.enqueue(
+        finetune,
+        project_id,
+        job_id=finetune_job_id(project_id),
+        timeout=settings.finetune_timeout,
+        result_ttl=settings.job_result_ttl,
+        failure_ttl=settings.job_failure_ttl,
+        retries=0,
+        meta={"project": project_id, "kind": "finetune"},
+        description=f"fine-tune project {project_id} on its corrections",
+        keep_finished=False,
+    )
+    log.info(
+        "project %s: fine-tune %s (%s)", project_id, enq.job_id, "new" if enq.created else "already queued"
+    )
+    return enq.job_id

@@ -1,0 +1,45 @@
+"""What Label Studio sends us, named once: the webhook events we act on, and ids.
+
+Webhook events (Label Studio 1.23, ``../shared/docs/label_studio_protocol.md``):
+
+- :data:`ANNOTATION_EVENTS` carry an annotation whose brush mask is a correction to store;
+- :data:`DELETE_EVENTS` remove one correction, or several (``ANNOTATIONS_DELETED``, the bulk delete of the
+  Data Manager, carries a list of ids);
+- :data:`TRAIN_EVENT` asks for a fine-tune now;
+- :data:`LEARNING_EVENTS` is all of these: the webhook answers ``"ok"`` to them and ``"ignored"`` to others;
+- events in :func:`changes_membership` (``TASKS_*``, ``PROJECT_UPDATED``) may change a project's groups, so
+  its cached task list is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import BadRequestError
+
+ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+DELETE_EVENTS = ("ANNOTATION_DELETED", "ANNOTATIONS_DELETED")
+TRAIN_EVENT = "START_TRAINING"
+LEARNING_EVENTS = (*ANNOTATION_EVENTS, *DELETE_EVENTS, TRAIN_EVENT)
+
+
+def changes_membership(event: str) -> bool:
+    """Whether ``event`` may add, remove or regroup a project's tasks."""
+    return event.startswith("TASKS_") or event == "PROJECT_UPDATED"
+
+
+def parse_id(value: Any, what: str) -> int:
+    """A Label Studio id as an int >= 1, from what Label Studio and users send: ``12``, ``"12"``,
+    ``"12.1795340308"`` (``<id>.<created timestamp>``, how ``/setup`` and ``/predict`` name a project), or an
+    object with an ``"id"``. Anything else (a bool, a float, 0, a name) raises :class:`BadRequestError`
+    naming ``what`` and quoting the value."""
+    raw = value
+    if isinstance(value, Mapping):
+        value = value.get("id")
+    if isinstance(value, str):
+        head = value.strip().split(".", 1)[0]
+        value = int(head) if head.isdigit() else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadRequestError(f"{what} must be a positive integer id (or '<id>.<timestamp>'), got {raw!r}")
+    return value
