@@ -23,5 +23,6 @@ def weights_for(name: str, scratch: Path) -> tuple[str | None, str]:
     import timm
 
     model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
-    torch.save(model.state_dict(), scratch / (spec.filename or f"{spec.name}.pth"))
+    # saved under the accepted `.pth` name: the spec's own file name is the hub's file, whose sha256 is pinned
+    torch.save(model.state_dict(), scratch / f"{spec.name}.pth")
     return str(scratch), "RANDOM weights of the real architecture (no file in weights/): timing only"

@@ -10,11 +10,15 @@ One forward pass gives, per image, the three things the methods need (method_spe
 Weights are data, not code: every backbone is a :class:`BackboneSpec` in :data:`BACKBONES`. They are read from
 a file in the weights directory (``COSOD_WEIGHTS_DIR``, default ``weights/``) and fetched only by an explicit
 :func:`fetch_weights` (``cosod weights fetch NAME``), never as a side effect of building or predicting.
+
+A weights file is identified by its content: :attr:`Backbone.fingerprint` is the start of the file's sha256
+(cached in a ``<file>.sha256`` sidecar, see :mod:`cosod.checksums`), so a copied file keeps the backbone's id
+and every ``model_version`` derived from it. Where the hub publishes a file's sha256, the spec pins it and a
+file with other content is refused, at fetch time and at load time.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -26,8 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .atomic import torch_save_atomic
-from .errors import UnknownBackboneError, WeightsInvalidError, WeightsMissingError
+from .checksums import cached_sha256, copy_with_sha256
+from .errors import UnknownBackboneError, WeightsChecksumError, WeightsInvalidError, WeightsMissingError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,13 @@ DEFAULT_WEIGHTS_DIR = "weights"
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """One backbone: its timm architecture, where its weights come from, and its token layout."""
+    """One backbone: its timm architecture, where its weights come from, and its token layout.
+
+    ``filename`` is the file :func:`fetch_weights` writes: for a hub backbone, the hub's ``hub_filename``
+    copied byte for byte, so ``sha256`` (the digest the hub publishes for it) can be checked on every load.
+    ``alt_filenames`` are also accepted (official release files, state dicts saved by hand); no digest is
+    published for them, so their content is hashed for the backbone's id but not checked.
+    """
 
     name: str
     timm_name: str
@@ -50,13 +60,20 @@ class BackboneSpec:
     num_prefix_tokens: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    sha256: str | None = None  # pinned digest of `filename`, when one is known
+    sha256: str | None = None  # pinned digest of `filename` (= the hub file), when one is published
     alt_filenames: tuple[str, ...] = ()  # e.g. the official DINO release file names
+    hub_filename: str = "model.safetensors"  # the file fetched from the hub repository `hub_id`
     model_kwargs: tuple[tuple[str, Any], ...] = ()
     random_init: bool = False  # build without weights when no file is present (tests only)
     description: str = ""
 
 
+# Pinned sha256 values are the digests the Hugging Face hub shows ("Git LFS Details") on the page
+# https://huggingface.co/{hub_id}/blob/{revision}/model.safetensors, read at these revisions:
+#   timm/vit_small_patch8_224.dino  06cd8ed4b3fcef6305223df082ef8c19bc775704
+#   timm/vit_base_patch8_224.dino   57b4c6dac26b2cff845bfbed5bf37c9dd32ec496
+# No published digest was found for the two DINOv2 hub files, nor for the official DINO release files
+# (dl.fbaipublicfiles.com publishes none): those stay unpinned (None).
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
@@ -64,8 +81,9 @@ BACKBONES: dict[str, BackboneSpec] = {
             name="vit_small_patch8_224.dino",
             timm_name="vit_small_patch8_224.dino",
             hub_id="timm/vit_small_patch8_224.dino",
-            filename="vit_small_patch8_224.dino.pth",
-            alt_filenames=("dino_deitsmall8_pretrain.pth",),
+            filename="vit_small_patch8_224.dino.safetensors",
+            sha256="e1b79616ce6d1b8dc3cc0d5952b6d0958356a189122882493e665d28f20654a0",  # see above
+            alt_filenames=("vit_small_patch8_224.dino.pth", "dino_deitsmall8_pretrain.pth"),
             patch_size=8,
             embed_dim=384,
             num_heads=6,
@@ -76,8 +94,9 @@ BACKBONES: dict[str, BackboneSpec] = {
             name="vit_base_patch8_224.dino",
             timm_name="vit_base_patch8_224.dino",
             hub_id="timm/vit_base_patch8_224.dino",
-            filename="vit_base_patch8_224.dino.pth",
-            alt_filenames=("dino_vitbase8_pretrain.pth",),
+            filename="vit_base_patch8_224.dino.safetensors",
+            sha256="01be14b99784a4c0970a5703214513588daf27014e908ac7ea08967b7bd80f5f",  # see above
+            alt_filenames=("vit_base_patch8_224.dino.pth", "dino_vitbase8_pretrain.pth"),
             patch_size=8,
             embed_dim=768,
             num_heads=12,
@@ -88,7 +107,8 @@ BACKBONES: dict[str, BackboneSpec] = {
             name="vit_small_patch14_reg4_dinov2.lvd142m",
             timm_name="vit_small_patch14_reg4_dinov2.lvd142m",
             hub_id="timm/vit_small_patch14_reg4_dinov2.lvd142m",
-            filename="vit_small_patch14_reg4_dinov2.lvd142m.pth",
+            filename="vit_small_patch14_reg4_dinov2.lvd142m.safetensors",
+            alt_filenames=("vit_small_patch14_reg4_dinov2.lvd142m.pth",),
             patch_size=14,
             embed_dim=384,
             num_heads=6,
@@ -99,7 +119,8 @@ BACKBONES: dict[str, BackboneSpec] = {
             name="vit_base_patch14_reg4_dinov2.lvd142m",
             timm_name="vit_base_patch14_reg4_dinov2.lvd142m",
             hub_id="timm/vit_base_patch14_reg4_dinov2.lvd142m",
-            filename="vit_base_patch14_reg4_dinov2.lvd142m.pth",
+            filename="vit_base_patch14_reg4_dinov2.lvd142m.safetensors",
+            alt_filenames=("vit_base_patch14_reg4_dinov2.lvd142m.pth",),
             patch_size=14,
             embed_dim=768,
             num_heads=12,
@@ -172,12 +193,24 @@ def expected_path(spec: BackboneSpec, wdir: str | os.PathLike[str] | None = None
     return weights_dir(wdir) / (spec.filename or f"{spec.name}.pth")
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def weights_digest(spec: BackboneSpec, path: Path) -> str:
+    """Content sha256 of the weights file ``path`` (cached in its sidecar), checked against ``spec.sha256``
+    when ``path`` is the pinned file: :class:`WeightsChecksumError` naming both digests and the fix."""
+    try:
+        digest = cached_sha256(path)
+        if spec.sha256 and path.name == spec.filename and digest != spec.sha256:
+            digest = cached_sha256(path, use_sidecar=False)  # refuse on the content, never on a cache
+    except OSError as exc:
+        raise WeightsInvalidError(f"cannot read weights file {path}: {exc}") from exc
+    if spec.sha256 and path.name == spec.filename and digest != spec.sha256:
+        fix = (
+            f"the file is corrupt, truncated or not {spec.hub_id}/{spec.hub_filename}: delete it and run "
+            f"`cosod weights fetch {spec.name}` again"
+            if spec.hub_id
+            else "the file is corrupt, truncated or another one: replace it with the pinned file"
+        )
+        raise WeightsChecksumError(str(path), digest, spec.sha256, fix)
+    return digest
 
 
 @dataclass
@@ -230,8 +263,9 @@ class Backbone:
     model: torch.nn.Module
     input_size: int = 224
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    fingerprint: str = ""
+    fingerprint: str = ""  # the first 12 hex digits of the weights file's content sha256 ("random<seed>")
     weights_file: str | None = None
+    weights_sha256: str | None = None  # the weights file's full content sha256; None for a random init
     amp: bool = False  # bf16 autocast on CUDA: faster, not bit-exact with the official float32 run
     _qkv: list[torch.Tensor] = field(default_factory=list, repr=False)
 
@@ -372,7 +406,9 @@ def build_backbone(
     The file is looked up in ``weights_dir`` (default ``$COSOD_WEIGHTS_DIR`` or ``weights/``) under the spec's
     file name or an official release name. Nothing is downloaded. A missing file raises
     :class:`WeightsMissingError` naming the expected path and the fetch command, except for specs marked
-    ``random_init`` (the test backbone), which are then initialised from ``seed``.
+    ``random_init`` (the test backbone), which are then initialised from ``seed``. The file's content sha256
+    names the weights in :attr:`Backbone.id`; the spec's pinned file with another digest raises
+    :class:`WeightsChecksumError` before it is read.
     """
     spec = get_spec(name)
     dev = torch.device(device)
@@ -380,19 +416,16 @@ def build_backbone(
         torch.manual_seed(seed)
         model = _create_model(spec, input_size)
     path = weights_path(spec, weights_dir)
+    digest = None
     if path is None:
         if not spec.random_init:
             raise WeightsMissingError(spec.name, str(expected_path(spec, weights_dir)), spec.hub_id)
         fingerprint = f"random{seed}"
     else:
-        if spec.sha256:
-            digest = file_sha256(path)
-            if digest != spec.sha256:
-                raise WeightsInvalidError(f"weights file {path} has sha256 {digest}, expected {spec.sha256}")
+        digest = weights_digest(spec, path)
         load_weights(model, path)
-        st = path.stat()
-        fingerprint = hashlib.sha256(f"{path.name}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
-        log.info("loaded backbone %s from %s", spec.name, path)
+        fingerprint = digest[:12]
+        log.info("loaded backbone %s from %s (sha256 %s)", spec.name, path, digest)
     return Backbone(
         spec=spec,
         model=model,
@@ -400,19 +433,39 @@ def build_backbone(
         device=dev,
         fingerprint=fingerprint,
         weights_file=str(path) if path else None,
+        weights_sha256=digest,
         amp=amp,
     )
 
 
+def _download_hub_file(spec: BackboneSpec) -> Path:
+    """The hub file of ``spec`` in the local Hugging Face cache, downloaded when missing."""
+    from huggingface_hub import hf_hub_download  # installed with timm
+
+    assert spec.hub_id is not None
+    return Path(hf_hub_download(spec.hub_id, spec.hub_filename))
+
+
 def fetch_weights(name: str, weights_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Download a backbone's pretrained weights through its timm hub id and save them (atomically) as the
-    file :func:`build_backbone` reads. Needs internet access (or a populated Hugging Face cache)."""
+    """Download a backbone's hub file (``hub_id``/``hub_filename``) and copy it, byte for byte and
+    atomically, to the file :func:`build_backbone` reads, with its sha256 sidecar. A download whose sha256 is
+    not the spec's pinned one raises :class:`WeightsChecksumError` and leaves the weights folder unchanged.
+    Needs internet access (or a populated Hugging Face cache)."""
     spec = get_spec(name)
     if not spec.hub_id:
         raise WeightsMissingError(spec.name, str(expected_path(spec, weights_dir)), None)
-    model = _create_model(spec, 224, pretrained=True)
+    src = _download_hub_file(spec)
     dest = expected_path(spec, weights_dir)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    torch_save_atomic(model.state_dict(), dest)
-    log.info("saved %s weights to %s (sha256 %s)", spec.name, dest, file_sha256(dest))
+
+    def check(digest: str) -> None:
+        if spec.sha256 and digest != spec.sha256:
+            fix = (
+                f"the download of {spec.hub_id}/{spec.hub_filename} is corrupt or not the expected file; "
+                f"nothing was saved to {dest}. Delete the cached file and run `cosod weights fetch "
+                f"{spec.name}` again"
+            )
+            raise WeightsChecksumError(str(src.resolve()), digest, spec.sha256, fix)
+
+    digest = copy_with_sha256(src, dest, check)
+    log.info("saved %s weights to %s (sha256 %s)", spec.name, dest, digest)
     return dest

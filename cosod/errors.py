@@ -36,6 +36,16 @@ class WeightsInvalidError(CoSODError, ValueError):
     """A weights file exists but does not fit the backbone (wrong keys, shapes or hash)."""
 
 
+class WeightsChecksumError(WeightsInvalidError):
+    """A weights file (or a download) whose content sha256 is not the one its backbone spec pins."""
+
+    def __init__(self, path: str, actual: str, expected: str, fix: str):
+        self.path = path
+        self.actual = actual
+        self.expected = expected
+        super().__init__(f"weights file {path} has sha256 {actual}, expected {expected}; {fix}")
+
+
 class CheckpointError(CoSODError, ValueError):
     """A stage-1 or UMS checkpoint that cannot be read or does not fit the model."""
 

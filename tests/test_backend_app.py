@@ -178,7 +178,7 @@ def test_missing_weights_are_reported_by_health_and_setup(fake_ls, tmp_path) -> 
     c = app.test_client()
     r = c.get("/health")
     assert r.status_code == 503 and r.json["status"] == "ERROR"
-    assert "vit_small_patch8_224.dino.pth" in r.json["error"]
+    assert "vit_small_patch8_224.dino.safetensors" in r.json["error"]
     assert "cosod weights fetch vit_small_patch8_224.dino" in r.json["error"]
     r = setup(c)
     assert r.status_code == 503 and "cosod weights fetch" in r.json["error"]

@@ -131,14 +131,14 @@ def test_missing_weights_is_exit_code_2_naming_the_file(dataset, tmp_path, capsy
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert str(tmp_path / "w" / "vit_small_patch8_224.dino.pth") in err[0]
+    assert str(tmp_path / "w" / "vit_small_patch8_224.dino.safetensors") in err[0]
     assert "cosod weights fetch vit_small_patch8_224.dino" in err[0]
 
 
 def test_weights_list_and_fetch_if_missing(tmp_path, capsys):
     assert main(["weights", "list", "--weights-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "tiny" in out and f"missing: {tmp_path / 'vit_base_patch8_224.dino.pth'}" in out
+    assert "tiny" in out and f"missing: {tmp_path / 'vit_base_patch8_224.dino.safetensors'}" in out
     (tmp_path / "vit_base_patch8_224.dino.pth").write_bytes(b"x")
     assert (
         main(["weights", "fetch", "vit_base_patch8_224.dino", "--if-missing", "--weights-dir", str(tmp_path)])
@@ -146,3 +146,21 @@ def test_weights_list_and_fetch_if_missing(tmp_path, capsys):
     )
     assert "already present" in capsys.readouterr().out
     assert main(["weights", "fetch", "no-such-net"]) == 2
+
+
+def test_weights_fetch_refuses_a_download_with_another_sha256(tmp_path, capsys, monkeypatch):
+    from cosod import backbones, cli
+    from cosod.backbones import get_spec
+
+    hub = tmp_path / "model.safetensors"
+    hub.write_bytes(b"truncated")
+    monkeypatch.setattr(backbones, "_download_hub_file", lambda spec: hub)
+    monkeypatch.setattr(cli, "_hub_reachable", lambda: True)
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "10")  # restored after the test (the command sets defaults)
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+    name = "vit_small_patch8_224.dino"
+    assert main(["weights", "fetch", name, "--weights-dir", str(tmp_path / "w")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"cosod weights: cannot fetch {name} (weights file {hub}")
+    assert get_spec(name).sha256 in err[0] and f"`cosod weights fetch {name}` again" in err[0]
+    assert not (tmp_path / "w" / "vit_small_patch8_224.dino.safetensors").exists()
