@@ -44,7 +44,7 @@ from .errors import BackendError, LabelStudioError, UnknownProjectError
 from .grouping import GroupKey, TaskRef, choose_subset, effective_rule, group_key, members
 from .labelstudio import LabelStudioClient, LabelStudioUnavailableError, TaskState
 from .loader import PipelineLoader
-from .metrics import default_metrics
+from .metrics import Metrics
 from .model import CoSODModel
 from .projects import Project
 from .settings import Settings, parse_group_by
@@ -76,7 +76,7 @@ class JobContext:
     def from_settings(cls, settings: Settings, pipeline_factory: Any = None) -> JobContext:
         loader = PipelineLoader(settings, pipeline_factory)
         ls = LabelStudioClient(settings)
-        return cls(settings, loader, ls, CoSODModel(settings, loader, ls, default_metrics()))
+        return cls(settings, loader, ls, CoSODModel(settings, loader, ls, Metrics()))
 
 
 _ctx: tuple[int, JobContext] | None = None
