@@ -43,5 +43,6 @@ USER cosod
 EXPOSE 9090
 
 # The API. Workers run the same image with `command: cosod-worker`. No --preload: each gunicorn worker
-# loads the pipeline itself after the fork.
-CMD ["sh", "-c", "exec gunicorn --bind 0.0.0.0:${PORT} --workers ${WORKERS} --threads ${THREADS} --timeout 0 'backend.api.app:create_app()'"]
+# loads the pipeline itself after the fork. backend/api/gunicorn_conf.py puts the API's processes (only them:
+# no ENV here, the RQ workers must not get it) in Prometheus multiprocess mode, so /metrics sums all workers.
+CMD ["sh", "-c", "exec gunicorn -c python:backend.api.gunicorn_conf --bind 0.0.0.0:${PORT} --workers ${WORKERS} --threads ${THREADS} --timeout 0 'backend.api.app:create_app()'"]

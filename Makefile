@@ -50,10 +50,11 @@ ls-venv: $(LS_VENV)/.installed
 
 # Start the backend on the embedded defaults. The default backbone's weights are fetched when missing and
 # reachable; offline the server still starts and /health plus the log name the file to put in weights/.
+# backend/api/gunicorn_conf.py makes /metrics sum all WORKERS (Prometheus multiprocess mode).
 run: install
 	-$(BIN)/cosod weights fetch $(COSOD_BACKBONE) --if-missing
-	$(BIN)/gunicorn --bind $(HOST):$(PORT) --workers $(WORKERS) --threads $(THREADS) --timeout 0 \
-		'backend.api.app:create_app()'
+	$(BIN)/gunicorn -c python:backend.api.gunicorn_conf --bind $(HOST):$(PORT) --workers $(WORKERS) \
+		--threads $(THREADS) --timeout 0 'backend.api.app:create_app()'
 
 # An RQ worker for batch jobs and fine-tunes (needs REDIS_URL, e.g. redis://127.0.0.1:6379/0).
 worker: install

@@ -1,17 +1,19 @@
 """The Label Studio ML backend protocol on Flask: /health, /setup, /predict, /webhook, /versions, /metrics.
 
 :func:`create_app` is the composition root of the API process: it builds the model
-(:func:`backend.prediction.build_model`, with the fine-tune trigger of :mod:`backend.jobs.finetuning`),
+(:func:`backend.prediction.build_model`, with the fine-tune trigger of :mod:`backend.jobs.enqueue`),
 installs the job context and registers the routes. Serve with
-``gunicorn --workers 1 --threads 4 --timeout 0 'backend.api.app:create_app()'`` (no ``--preload``: each
-worker loads the backbone itself, in a background thread started here). Every error reaches the client as
-JSON ``{"error": ..., "status": ...}``; tracebacks stay in the log.
+``gunicorn -c python:backend.api.gunicorn_conf --workers 1 --threads 4 --timeout 0
+'backend.api.app:create_app()'`` (no ``--preload``: each worker loads the backbone itself, in a background
+thread started here; the config file makes ``/metrics`` sum all workers, see ``backend/metrics.py``). Every
+error reaches the client as JSON ``{"error": ..., "status": ...}``; tracebacks stay in the log.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import threading
 import time
 from functools import partial
 from typing import Any
@@ -23,9 +25,9 @@ from ..errors import BackendError, BadRequestError
 from ..jobs.context import JobContext, install_context
 from ..jobs.enqueue import enqueue_finetune
 from ..labelstudio.protocol import LEARNING_EVENTS, parse_id
-from ..metrics import default_metrics
+from ..metrics import CONTENT_TYPE, Metrics, VersionsCollector
 from ..prediction import build_model
-from ..prediction.pipelines import PipelineFactory
+from ..prediction.pipelines import PipelineFactory, PipelineLoader
 from ..settings import Settings
 from .jobs_routes import blueprint as jobs_blueprint
 
@@ -84,16 +86,25 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("backend").setLevel(level)
 
 
+def _publish_readiness(loader: PipelineLoader, metrics: Metrics) -> None:
+    """Set ``backbone_ready`` once the default pipeline's load ends (1 ready, 0 failed), so that in
+    multiprocess mode a worker's value is right even if it never answered ``/metrics`` itself."""
+    while not loader.wait(60.0) and loader.state == "loading":
+        pass
+    metrics.backbone_ready.set(1.0 if loader.state == "ready" else 0.0)
+
+
 def create_app(settings: Settings | None = None, pipeline_factory: PipelineFactory | None = None) -> Flask:
     """Build the app. ``settings`` default to the environment; ``pipeline_factory(settings)`` builds the
     pipeline (default: ``cosod.pipeline.Pipeline.build``) and runs once, in a background thread."""
     settings = settings or Settings.from_env()
     _configure_logging(settings.log_level)
-    metrics = default_metrics()
+    metrics = Metrics()
     model = build_model(
         settings, pipeline_factory, metrics, schedule_finetune=partial(enqueue_finetune, settings)
     )
     loader, ls = model.loader, model.ls
+    metrics.add_shared_collector(VersionsCollector(model.versions))
     redis_probe = RedisProbe(settings.redis_url)
     install_context(JobContext.of(model))
 
@@ -108,6 +119,9 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
         "metrics": metrics,
     }
     loader.ensure_started()
+    threading.Thread(
+        target=_publish_readiness, args=(loader, metrics), name="cosod-ready-gauge", daemon=True
+    ).start()
     app.register_blueprint(jobs_blueprint)
 
     @app.before_request
@@ -136,29 +150,27 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
     @app.after_request
     def _after(resp: Response) -> Response:
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        metrics.inc(
-            "requests_total", {"route": route, "method": request.method, "status": str(resp.status_code)}
-        )
+        metrics.requests.labels(method=request.method, route=route, status=str(resp.status_code)).inc()
         if "t0" in g:
-            metrics.observe("request_seconds", time.perf_counter() - g.t0, {"route": route})
+            metrics.request_seconds.labels(route=route).observe(time.perf_counter() - g.t0)
         return resp
 
     @app.errorhandler(BackendError)
     def _backend_error(exc: BackendError) -> tuple[Response, int]:
         kind = type(exc).__name__
-        metrics.inc("errors_total", {"kind": kind})
+        metrics.errors.labels(kind=kind).inc()
         log.warning("%s %s -> %d %s: %s", request.method, request.path, exc.status, kind, exc)
         return jsonify(error=str(exc), type=kind, status=exc.status), exc.status
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:
         code = exc.code or 500
-        metrics.inc("errors_total", {"kind": f"http_{code}"})
+        metrics.errors.labels(kind=f"http_{code}").inc()
         return jsonify(error=exc.description or exc.name, status=code), code
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:
-        metrics.inc("errors_total", {"kind": "internal"})
+        metrics.errors.labels(kind="internal").inc()
         log.exception("unexpected error on %s %s", request.method, request.path)
         return jsonify(
             error=f"internal error ({exc.__class__.__name__}); see the backend log", status=500
@@ -234,7 +246,7 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
         action = body.get("action")
         if not isinstance(action, str) or not action:
             raise BadRequestError("/webhook needs 'action' (e.g. ANNOTATION_CREATED)")
-        metrics.inc("webhook_events_total", {"action": action})
+        metrics.webhook_events.labels(action=action).inc()
         info = model.fit(action, body)
         status = "ok" if action in LEARNING_EVENTS else "ignored"
         return jsonify(status=status, **info), 200
@@ -258,14 +270,7 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
 
     @app.get("/metrics")
     def metrics_route() -> Response:
-        metrics.set("backbone_ready", 1.0 if loader.state == "ready" else 0.0)
-        for p in model.versions():
-            for rec in p["versions"]:
-                labels = {"project": str(p["project"]), "version": rec["version"]}
-                metrics.set("version_active", 1.0 if rec["version"] == p["active"] else 0.0, labels)
-                for name, value in (rec.get("scores") or {}).items():
-                    if isinstance(value, int | float):
-                        metrics.set("version_heldout_score", float(value), {**labels, "metric": name})
-        return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
+        metrics.backbone_ready.set(1.0 if loader.state == "ready" else 0.0)
+        return Response(metrics.exposition(), content_type=CONTENT_TYPE)
 
     return app

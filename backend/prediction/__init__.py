@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..labelstudio.client import LabelStudioClient
-from ..metrics import Metrics, default_metrics
+from ..metrics import Metrics
 from ..settings import Settings
 from .adapter import CoSODModel
 from .pipelines import PipelineFactory, PipelineLoader
@@ -31,7 +31,7 @@ def build_model(
     corrections are stored and nothing is enqueued."""
     loader = PipelineLoader(settings, pipeline_factory)
     ls = LabelStudioClient(settings)
-    return CoSODModel(settings, loader, ls, metrics or default_metrics(), schedule_finetune=schedule_finetune)
+    return CoSODModel(settings, loader, ls, metrics or Metrics(), schedule_finetune=schedule_finetune)
 
 
 __all__ = ["CoSODModel", "PipelineLoader", "build_model"]

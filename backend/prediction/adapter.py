@@ -176,7 +176,7 @@ class CoSODModel:
             out = outcomes[ref.id]
             if out.error is not None:
                 errors.append({"task": ref.id, "kind": out.kind, "error": out.error})
-                self.metrics.inc("errors_total", {"kind": out.kind or "unknown"})
+                self.metrics.errors.labels(kind=out.kind or "unknown").inc()
                 if out.kind == "image_unreadable":
                     items.append({"result": [], "score": 0.0, "model_version": version, "error": out.error})
                 else:
@@ -189,7 +189,7 @@ class CoSODModel:
                     "model_version": version,
                 }
             )
-        self.metrics.inc("predicted_tasks_total", value=len(items))
+        self.metrics.predicted_tasks.inc(len(items))
         return items, errors
 
     # -- building blocks shared with the batch jobs (backend/jobs/) -----------------------------------
@@ -228,7 +228,7 @@ class CoSODModel:
                 raise
             except BackendError as exc:
                 log.warning("project %s: using only the request's tasks as the group (%s)", project.id, exc)
-                self.metrics.inc("errors_total", {"kind": "label_studio"})
+                self.metrics.errors.labels(kind="label_studio").inc()
         else:
             log.debug("Label Studio is not configured: the group is the request's tasks")
         by_id = {t.id: t for t in listed}
@@ -244,14 +244,14 @@ class CoSODModel:
         wanted = [t.id for t in asked]
         found = self.cache.get(cache_key)
         if all(i in found for i in wanted):
-            self.metrics.inc("group_cache_hits_total")
+            self.metrics.group_cache_hits.inc()
             return {i: found[i] for i in wanted}
         with self._compute_lock:  # one group computation at a time; a waiting twin finds the result cached
             found = self.cache.get(cache_key)
             if all(i in found for i in wanted):
-                self.metrics.inc("group_cache_hits_total")
+                self.metrics.group_cache_hits.inc()
                 return {i: found[i] for i in wanted}
-            self.metrics.inc("group_cache_misses_total")
+            self.metrics.group_cache_misses.inc()
             missing = [i for i in wanted if i not in found]
             subset_ids = choose_subset(
                 [t.id for t in group], missing, k=self.settings.max_refs, limit=self.settings.max_group_images
@@ -292,7 +292,7 @@ class CoSODModel:
         outcomes.update({t.id: bad for t, _, bad in loaded if bad is not None})
         if good:
             pred = pipeline.predict_group([img for _, img in good])
-            self.metrics.inc("group_images_total", value=len(good))
+            self.metrics.group_images.inc(len(good))
             for k, (t, img) in enumerate(good):
                 mask = np.asarray(pred.masks[k], dtype=bool)
                 if mask.shape != img.shape[:2]:
@@ -306,7 +306,7 @@ class CoSODModel:
                 getattr(pred, "mode", "?"),
                 getattr(pred, "timings", {}),
             )
-        self.metrics.observe("pipeline_seconds", time.perf_counter() - t0)
+        self.metrics.pipeline_seconds.observe(time.perf_counter() - t0)
         return outcomes
 
 
