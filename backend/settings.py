@@ -144,7 +144,6 @@ _PROBLEMS = {
     "greater_than": "must be > {gt}",
     "less_than_equal": "must be <= {le}",
     "less_than": "must be < {lt}",
-    "literal_error": "must be {expected}",
 }
 
 
@@ -153,6 +152,8 @@ def _problem(err: ErrorDetails) -> str:
     ctx = err.get("ctx") or {}
     if err["type"] == "value_error":  # our validators raise ValueError("must ...")
         return str(ctx.get("error", err["msg"]))
+    if err["type"] == "literal_error":  # pydantic's "'a', 'b' or 'c'" as this code base writes it
+        return "must be one of " + str(ctx["expected"]).replace("' or '", "', '")
     template = _PROBLEMS.get(err["type"])
     return template.format(**ctx) if template else err["msg"]
 

@@ -156,13 +156,13 @@ def test_primary_names_win_over_aliases() -> None:
         ),
         (
             {"LOG_LEVEL": "LOUD"},
-            "LOG_LEVEL must be 'DEBUG', 'INFO', 'WARNING', 'ERROR' or 'CRITICAL', got 'LOUD'",
+            "LOG_LEVEL must be one of 'DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL', got 'LOUD'",
         ),
-        ({"COSOD_MODEL": "sam"}, "COSOD_MODEL must be 'scosparc' or 'ums', got 'sam'"),
+        ({"COSOD_MODEL": "sam"}, "COSOD_MODEL must be one of 'scosparc', 'ums', got 'sam'"),
         (
             {"COSOD_PROMOTE_METRIC": "f1"},
-            "COSOD_PROMOTE_METRIC must be 'iou', 'max_f', 'mean_f', 'max_e', "
-            "'mean_e', 's_measure', 'mae' or 'hce', got 'f1'",
+            "COSOD_PROMOTE_METRIC must be one of 'iou', 'max_f', 'mean_f', 'max_e', "
+            "'mean_e', 's_measure', 'mae', 'hce', got 'f1'",
         ),
         ({"BASIC_AUTH_USER": "u"}, "BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together"),
         ({"BASIC_AUTH_PASS": "p"}, "BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together"),
@@ -179,10 +179,10 @@ def test_primary_names_win_over_aliases() -> None:
         ({"COSOD_CRF_WORKERS": "all"}, "COSOD_CRF_WORKERS must be an integer, got 'all'"),
         ({"COSOD_HELDOUT_FRACTION": "0"}, "COSOD_HELDOUT_FRACTION must be > 0.0, got '0'"),
         ({"COSOD_HELDOUT_FRACTION": "1"}, "COSOD_HELDOUT_FRACTION must be < 1.0, got '1'"),
-        ({"COSOD_FINETUNE_LR": "0"}, "COSOD_FINETUNE_LR must be > 0, got '0'"),
-        ({"COSOD_PROMOTE_MARGIN": "-0.1"}, "COSOD_PROMOTE_MARGIN must be >= 0, got '-0.1'"),
+        ({"COSOD_FINETUNE_LR": "0"}, "COSOD_FINETUNE_LR must be > 0.0, got '0'"),
+        ({"COSOD_PROMOTE_MARGIN": "-0.1"}, "COSOD_PROMOTE_MARGIN must be >= 0.0, got '-0.1'"),
         ({"COSOD_JOB_RETRIES": "-1"}, "COSOD_JOB_RETRIES must be >= 0, got '-1'"),
-        ({"COSOD_JOB_BACKOFF": "-2"}, "COSOD_JOB_BACKOFF must be >= 0, got '-2'"),
+        ({"COSOD_JOB_BACKOFF": "-2"}, "COSOD_JOB_BACKOFF must be >= 0.0, got '-2'"),
         ({"COSOD_QUEUE": "my queue"}, "COSOD_QUEUE must be letters, digits, '-', '_' or '.', got 'my queue'"),
         ({"COSOD_GPU_POOL": "a/b"}, "COSOD_GPU_POOL must be letters, digits, '-', '_' or '.', got 'a/b'"),
         (
@@ -348,7 +348,7 @@ def test_with_returns_a_validated_copy() -> None:
     with pytest.raises(ValueError) as exc:
         s.with_(max_refs=0)
     assert str(exc.value) == "COSOD_MAX_REFS must be >= 1, got 0"
-    with pytest.raises(ValueError, match="COSOD_MODEL must be 'scosparc' or 'ums', got 'sam'"):
+    with pytest.raises(ValueError, match="COSOD_MODEL must be one of 'scosparc', 'ums', got 'sam'"):
         s.with_(model_name="sam")
     with pytest.raises(ValueError, match="COSOD_WORKER_GPU=auto needs COSOD_DEVICE=cuda"):
         s.with_(worker_gpu="auto")
@@ -381,3 +381,20 @@ def test_group_by_forms() -> None:
     assert parse_group_by("field: album ") == "field:album"
     with pytest.raises(ValueError):
         parse_group_by("field:")
+
+
+def test_the_commands_report_a_bad_setting_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """cosod-backend and cosod-worker exit 2 with the message on one line, before any network or Redis."""
+    from backend import cli, worker
+    from backend.app import create_app
+
+    monkeypatch.setenv("COSOD_MAX_REFS", "many")
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # never reached
+    assert cli.main(["--backend", "http://127.0.0.1:9", "jobs"]) == 2
+    assert capsys.readouterr().err == "cosod-backend: COSOD_MAX_REFS must be an integer, got 'many'\n"
+    assert worker.main([]) == 2
+    assert capsys.readouterr().err == "cosod-worker: COSOD_MAX_REFS must be an integer, got 'many'\n"
+    with pytest.raises(ValueError, match="^COSOD_MAX_REFS must be an integer, got 'many'$"):
+        create_app()  # gunicorn fails to boot with it
