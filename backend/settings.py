@@ -66,7 +66,6 @@ from typing import Any, Literal, get_args
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cosod.imageio import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
@@ -147,7 +146,7 @@ _PROBLEMS = {
 }
 
 
-def _problem(err: ErrorDetails) -> str:
+def _problem(err: Mapping[str, Any]) -> str:
     """What one pydantic error says the value must be, e.g. ``must be >= 1``."""
     ctx = err.get("ctx") or {}
     if err["type"] == "value_error":  # our validators raise ValueError("must ...")
