@@ -48,30 +48,42 @@ Environment variables (primary name, then aliases) -> field, default:
 - COSOD_HELDOUT_FRACTION -> heldout_fraction, 0.2 of the corrected images (chosen by image hash)
 - COSOD_FINETUNE_MIN_CORRECTIONS -> 3: below this a fine-tune is skipped
 - COSOD_FINETUNE_TIMEOUT -> finetune_timeout, 7200 s
+- (no variable) -> http_timeout, 30 s: the timeout of each Label Studio HTTP request
+
+How values are read: ``Settings.from_env(env)`` reads only ``env`` (default ``os.environ``; never a ``.env``
+file). A variable's value is stripped of surrounding whitespace, and an empty (or blank) value counts as
+unset; of a field's names the first one set wins, so a primary name beats its aliases. Names are
+case-sensitive. ``Settings(field=value, ...)`` reads no environment at all: fields not given keep their
+defaults. Either way every value is validated, and a bad one raises ``ValueError`` with one line per problem
+that names the variable and quotes the value (``COSOD_MAX_REFS must be an integer, got 'many'``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal, get_args
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cosod.imageio import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 DEFAULT_BACKBONE = "vit_small_patch8_224.dino"
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-MODELS = ("scosparc", "ums")
-PROMOTE_METRICS = (
-    "iou",
-    "max_f",
-    "mean_f",
-    "max_e",
-    "mean_e",
-    "s_measure",
-    "mae",
-    "hce",
-)  # cosod.pipeline.MODELS, without importing torch here
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+ModelName = Literal["scosparc", "ums"]
+PromoteMetric = Literal[  # cosod.pipeline.MODELS, without importing torch here
+    "iou", "max_f", "mean_f", "max_e", "mean_e", "s_measure", "mae", "hce"
+]
+LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
+MODELS: tuple[str, ...] = get_args(ModelName)
+PROMOTE_METRICS: tuple[str, ...] = get_args(PromoteMetric)
+
+_GROUP_BY_FORMS = "must be 'auto', 'project' or 'field:<name>'"
+_NAME_CHARS = "must be letters, digits, '-', '_' or '.'"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 def parse_group_by(value: str) -> str:
@@ -83,207 +95,253 @@ def parse_group_by(value: str) -> str:
         return "project"
     if v.lower().startswith("field:") and v[6:].strip():
         return "field:" + v[6:].strip()
-    raise ValueError(f"group_by must be 'auto', 'project' or 'field:<name>', got {value!r}")
+    raise ValueError(f"group_by {_GROUP_BY_FORMS}, got {value!r}")
 
 
-@dataclass(frozen=True)
-class Settings:
-    label_studio_url: str | None = None
-    label_studio_api_key: str | None = None
-    model_dir: str = "model_dir"
-    basic_auth_user: str | None = None
-    basic_auth_pass: str | None = None
-    log_level: str = "INFO"
-    redis_url: str | None = None
-    backbone: str = DEFAULT_BACKBONE
-    weights_dir: str | None = None
-    cache_dir: str | None = None
-    group_by: str = "auto"
-    max_refs: int = 24
-    max_group_images: int = 64
-    device: str = "cpu"
-    crf_workers: int | None = None
-    max_image_bytes: int = DEFAULT_MAX_BYTES
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
-    local_files_root: str | None = None
-    ls_media_root: str | None = None
-    task_list_ttl: float = 60.0
-    group_cache_size: int = 64
-    http_timeout: float = 30.0
-    model_name: str = "scosparc"
-    stage1_checkpoint: str | None = None
-    ums_checkpoint: str | None = None
-    queue_name: str = "cosod"
-    read_ahead: bool = True
-    job_timeout: int = 3600
-    job_result_ttl: int = 7 * 24 * 3600
-    job_failure_ttl: int = 30 * 24 * 3600
-    job_retries: int = 2
-    job_attempts: int = 4
-    job_backoff: float = 2.0
-    worker_heartbeat: int = 10
-    worker_gpu: str | None = None
-    workers_per_gpu: int = 1
-    gpu_pool: str = "default"
-    train_every: int = 10
-    promote_metric: str = "iou"
-    promote_margin: float = 0.005
-    finetune_steps: int = 300
-    finetune_lr: float = 1e-3
-    heldout_fraction: float = 0.2
-    finetune_min_corrections: int = 3
-    finetune_timeout: int = 7200
+def _env(default: Any, *names: str, **constraints: Any) -> Any:
+    """A field read from the env variables ``names`` (primary first, then aliases), with its one default."""
+    return Field(default, validation_alias=AliasChoices(*names), **constraints)
 
-    def __post_init__(self) -> None:
-        if self.model_name not in MODELS:
-            raise ValueError(f"COSOD_MODEL must be one of {MODELS}, got {self.model_name!r}")
-        if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):
-            raise ValueError(
-                f"LABEL_STUDIO_URL must start with http:// or https://, got {self.label_studio_url!r}"
-            )
-        if self.log_level not in LOG_LEVELS:
-            raise ValueError(f"LOG_LEVEL must be one of {LOG_LEVELS}, got {self.log_level!r}")
-        object.__setattr__(self, "group_by", parse_group_by(self.group_by))
-        for name in (
-            "max_refs",
-            "max_group_images",
-            "max_image_bytes",
-            "max_image_pixels",
-            "group_cache_size",
-            "job_timeout",
-            "job_result_ttl",
-            "job_failure_ttl",
-            "job_attempts",
-            "worker_heartbeat",
-            "workers_per_gpu",
-            "train_every",
-            "finetune_steps",
-            "finetune_min_corrections",
-            "finetune_timeout",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.crf_workers is not None and self.crf_workers < 1:
-            raise ValueError(f"COSOD_CRF_WORKERS must be >= 1, got {self.crf_workers!r}")
-        if self.promote_metric not in PROMOTE_METRICS:
-            raise ValueError(
-                f"COSOD_PROMOTE_METRIC must be one of {PROMOTE_METRICS}, got {self.promote_metric!r}"
-            )
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ValueError(f"COSOD_HELDOUT_FRACTION must lie in (0, 1), got {self.heldout_fraction!r}")
-        if self.finetune_lr <= 0 or self.promote_margin < 0:
-            raise ValueError("COSOD_FINETUNE_LR must be > 0 and COSOD_PROMOTE_MARGIN >= 0")
-        if self.job_retries < 0:
-            raise ValueError(f"COSOD_JOB_RETRIES must be >= 0, got {self.job_retries!r}")
-        if self.job_backoff < 0:
-            raise ValueError(f"COSOD_JOB_BACKOFF must be >= 0 seconds, got {self.job_backoff!r}")
-        if not self.queue_name or not all(c.isalnum() or c in "-_." for c in self.queue_name):
-            raise ValueError(f"COSOD_QUEUE must be letters, digits, '-', '_' or '.', got {self.queue_name!r}")
-        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(
-                f"REDIS_URL must start with redis://, rediss:// or unix://, got {self.redis_url!r}"
-            )
-        if self.worker_gpu not in (None, "auto"):
-            raise ValueError(f"COSOD_WORKER_GPU must be 'auto' or unset, got {self.worker_gpu!r}")
-        if self.worker_gpu == "auto" and not self.device.startswith("cuda"):
-            raise ValueError(f"COSOD_WORKER_GPU=auto needs COSOD_DEVICE=cuda, got {self.device!r}")
-        if not self.gpu_pool or not all(c.isalnum() or c in "-_." for c in self.gpu_pool):
-            raise ValueError(
-                f"COSOD_GPU_POOL must be letters, digits, '-', '_' or '.', got {self.gpu_pool!r}"
-            )
-        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
-            raise ValueError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
-        if self.local_files_root and os.path.abspath(self.local_files_root) == os.path.abspath(os.sep):
-            raise ValueError("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT must not be '/'")
-        if self.ls_media_root and os.path.abspath(self.ls_media_root) == os.path.abspath(os.sep):
-            raise ValueError("COSOD_LS_MEDIA_ROOT must not be '/'")
+
+def _names_of(field: FieldInfo) -> tuple[str, ...]:
+    """The env variables of a field, primary first; () for a field no variable sets."""
+    alias = field.validation_alias
+    if isinstance(alias, AliasChoices):
+        return tuple(c for c in alias.choices if isinstance(c, str))
+    return (alias,) if isinstance(alias, str) else ()
+
+
+class _Environment(PydanticBaseSettingsSource):
+    """A field's value is that of the first of its env variables set to a non-blank value, stripped."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.env = env
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        for name in _names_of(field):
+            value = (self.env.get(name) or "").strip()
+            if value:
+                return value, name, False
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found = {name: self.get_field_value(f, name)[0] for name, f in self.settings_cls.model_fields.items()}
+        return {name: value for name, value in found.items() if value is not None}
+
+
+# How pydantic's error types read after "<VARIABLE> "; ctx fills the braces. Others keep pydantic's text.
+_PROBLEMS = {
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "int_type": "must be an integer",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "greater_than_equal": "must be >= {ge}",
+    "greater_than": "must be > {gt}",
+    "less_than_equal": "must be <= {le}",
+    "less_than": "must be < {lt}",
+}
+
+
+def _problem(err: Mapping[str, Any]) -> str:
+    """What one pydantic error says the value must be, e.g. ``must be >= 1``."""
+    ctx = err.get("ctx") or {}
+    if err["type"] == "value_error":  # our validators raise ValueError("must ...")
+        return str(ctx.get("error", err["msg"]))
+    if err["type"] == "literal_error":  # pydantic's "'a', 'b' or 'c'" as this code base writes it
+        return "must be one of " + str(ctx["expected"]).replace("' or '", "', '")
+    template = _PROBLEMS.get(err["type"])
+    return template.format(**ctx) if template else err["msg"]
+
+
+def _explain(exc: ValidationError, labels: Mapping[str, str]) -> str:
+    """One line per problem: ``<VARIABLE> <what it must be>, got <value>``; ``labels`` maps a field's name
+    or alias to the variable named. A check across fields (no location) reads as its own message."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        if not err["loc"]:
+            lines.append(_problem(err))
+        elif err["type"] == "extra_forbidden":
+            lines.append(f"{err['loc'][0]!r} is not a setting")
+        else:
+            label = labels.get(str(err["loc"][0]), str(err["loc"][0]))
+            lines.append(f"{label} {_problem(err)}, got {err['input']!r}")
+    return "\n".join(lines)
+
+
+class Settings(BaseSettings):
+    """The backend's configuration, immutable; see the module docstring for each field's variable."""
+
+    model_config = SettingsConfigDict(
+        frozen=True, populate_by_name=True, extra="forbid", protected_namespaces=()
+    )
+
+    label_studio_url: str | None = _env(None, "LABEL_STUDIO_URL", "LABEL_STUDIO_HOST")
+    label_studio_api_key: str | None = _env(
+        None, "LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN", repr=False
+    )
+    model_dir: str = _env("model_dir", "MODEL_DIR")
+    basic_auth_user: str | None = _env(None, "BASIC_AUTH_USER")
+    basic_auth_pass: str | None = _env(None, "BASIC_AUTH_PASS", repr=False)
+    log_level: LogLevel = _env("INFO", "LOG_LEVEL")
+    redis_url: str | None = _env(None, "REDIS_URL")
+    backbone: str = _env(DEFAULT_BACKBONE, "COSOD_BACKBONE")
+    weights_dir: str | None = _env(None, "COSOD_WEIGHTS_DIR")
+    cache_dir: str | None = _env(None, "COSOD_CACHE_DIR")
+    group_by: str = _env("auto", "COSOD_GROUP_BY")
+    max_refs: int = _env(24, "COSOD_MAX_REFS", ge=1)
+    max_group_images: int = _env(64, "COSOD_MAX_GROUP_IMAGES", ge=1)
+    device: str = _env("cpu", "COSOD_DEVICE")
+    crf_workers: int | None = _env(None, "COSOD_CRF_WORKERS", ge=1)
+    max_image_bytes: int = _env(DEFAULT_MAX_BYTES, "COSOD_MAX_IMAGE_BYTES", ge=1)
+    max_image_pixels: int = _env(DEFAULT_MAX_PIXELS, "COSOD_MAX_IMAGE_PIXELS", ge=1)
+    local_files_root: str | None = _env(
+        None, "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "LOCAL_FILES_DOCUMENT_ROOT"
+    )
+    ls_media_root: str | None = _env(None, "COSOD_LS_MEDIA_ROOT")
+    task_list_ttl: float = _env(60.0, "COSOD_TASK_LIST_TTL")
+    group_cache_size: int = _env(64, "COSOD_GROUP_CACHE_SIZE", ge=1)
+    http_timeout: float = 30.0  # no env variable
+    model_name: ModelName = _env("scosparc", "COSOD_MODEL")
+    stage1_checkpoint: str | None = _env(None, "COSOD_STAGE1_CHECKPOINT")
+    ums_checkpoint: str | None = _env(None, "COSOD_UMS_CHECKPOINT")
+    queue_name: str = _env("cosod", "COSOD_QUEUE")
+    read_ahead: bool = _env(True, "COSOD_READ_AHEAD")
+    job_timeout: int = _env(3600, "COSOD_JOB_TIMEOUT", ge=1)
+    job_result_ttl: int = _env(7 * 24 * 3600, "COSOD_JOB_RESULT_TTL", ge=1)
+    job_failure_ttl: int = _env(30 * 24 * 3600, "COSOD_JOB_FAILURE_TTL", ge=1)
+    job_retries: int = _env(2, "COSOD_JOB_RETRIES", ge=0)
+    job_attempts: int = _env(4, "COSOD_JOB_ATTEMPTS", ge=1)
+    job_backoff: float = _env(2.0, "COSOD_JOB_BACKOFF", ge=0)
+    worker_heartbeat: int = _env(10, "COSOD_WORKER_HEARTBEAT", ge=1)
+    worker_gpu: str | None = _env(None, "COSOD_WORKER_GPU")
+    workers_per_gpu: int = _env(1, "COSOD_WORKERS_PER_GPU", ge=1)
+    gpu_pool: str = _env("default", "COSOD_GPU_POOL")
+    train_every: int = _env(10, "COSOD_TRAIN_EVERY", ge=1)
+    promote_metric: PromoteMetric = _env("iou", "COSOD_PROMOTE_METRIC")
+    promote_margin: float = _env(0.005, "COSOD_PROMOTE_MARGIN", ge=0)
+    finetune_steps: int = _env(300, "COSOD_FINETUNE_STEPS", ge=1)
+    finetune_lr: float = _env(1e-3, "COSOD_FINETUNE_LR", gt=0)
+    heldout_fraction: float = _env(0.2, "COSOD_HELDOUT_FRACTION", gt=0, lt=1)
+    finetune_min_corrections: int = _env(3, "COSOD_FINETUNE_MIN_CORRECTIONS", ge=1)
+    finetune_timeout: int = _env(7200, "COSOD_FINETUNE_TIMEOUT", ge=1)
+
+    def __init__(self, **values: Any) -> None:
+        """Keyword construction by field name; a bad value raises ``ValueError`` (see ``_explain``)."""
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ValueError(_explain(exc, _labels(type(self)))) from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Only the keywords given: the environment is read by ``from_env`` alone, and no file ever."""
+        return (init_settings,)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build from ``env`` (default ``os.environ``) alone; raises ValueError quoting a bad value."""
+        return cls(**_Environment(cls, os.environ if env is None else env)())
+
+    @classmethod
+    def env_names(cls) -> dict[str, tuple[str, ...]]:
+        """Each field's env variables, primary first; () for a field no variable sets."""
+        return {name: _names_of(field) for name, field in cls.model_fields.items()}
 
     @property
     def basic_auth(self) -> bool:
         return bool(self.basic_auth_user)
 
     def with_(self, **changes: Any) -> Settings:
-        return replace(self, **changes)
+        """A copy with ``changes`` (by field name), validated like a new one."""
+        return type(self)(**{**self.model_dump(), **changes})
 
+    @field_validator("log_level", mode="before")
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Build from ``env`` (default ``os.environ``); raises ValueError quoting a bad value."""
-        e = os.environ if env is None else env
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
 
-        def first(*names: str) -> str | None:
-            for n in names:
-                if e.get(n):
-                    return e[n].strip()
-            return None
+    @field_validator("worker_gpu", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return (v.lower() or None) if isinstance(v, str) else v
 
-        def integer(name: str, default: int) -> int:
-            raw = first(name)
-            try:
-                return int(raw) if raw is not None else default
-            except ValueError:
-                raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    @field_validator("read_ahead", mode="before")
+    @classmethod
+    def _flag(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        if v.lower() in _TRUE + _FALSE:
+            return v.lower() in _TRUE
+        raise ValueError("must be 1 or 0 (true or false)")
 
-        def flag(name: str, default: bool) -> bool:
-            raw = first(name)
-            if raw is None:
-                return default
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"{name} must be 1 or 0 (true or false), got {raw!r}")
+    @field_validator("label_studio_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        v = v.rstrip("/") if v else v
+        if v and not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v
 
-        def number(name: str, default: float) -> float:
-            raw = first(name)
-            try:
-                return float(raw) if raw is not None else default
-            except ValueError:
-                raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
 
-        url = first("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST")
-        return cls(
-            label_studio_url=url.rstrip("/") if url else None,
-            label_studio_api_key=first("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN"),
-            model_dir=first("MODEL_DIR") or "model_dir",
-            basic_auth_user=first("BASIC_AUTH_USER"),
-            basic_auth_pass=first("BASIC_AUTH_PASS"),
-            log_level=(first("LOG_LEVEL") or "INFO").upper(),
-            redis_url=first("REDIS_URL"),
-            backbone=first("COSOD_BACKBONE") or DEFAULT_BACKBONE,
-            weights_dir=first("COSOD_WEIGHTS_DIR"),
-            cache_dir=first("COSOD_CACHE_DIR"),
-            group_by=first("COSOD_GROUP_BY") or "auto",
-            max_refs=integer("COSOD_MAX_REFS", 24),
-            max_group_images=integer("COSOD_MAX_GROUP_IMAGES", 64),
-            device=first("COSOD_DEVICE") or "cpu",
-            crf_workers=integer("COSOD_CRF_WORKERS", 0) if first("COSOD_CRF_WORKERS") else None,
-            max_image_bytes=integer("COSOD_MAX_IMAGE_BYTES", DEFAULT_MAX_BYTES),
-            max_image_pixels=integer("COSOD_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS),
-            local_files_root=first("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "LOCAL_FILES_DOCUMENT_ROOT"),
-            ls_media_root=first("COSOD_LS_MEDIA_ROOT"),
-            task_list_ttl=number("COSOD_TASK_LIST_TTL", 60.0),
-            group_cache_size=integer("COSOD_GROUP_CACHE_SIZE", 64),
-            model_name=first("COSOD_MODEL") or "scosparc",
-            stage1_checkpoint=first("COSOD_STAGE1_CHECKPOINT"),
-            ums_checkpoint=first("COSOD_UMS_CHECKPOINT"),
-            queue_name=first("COSOD_QUEUE") or "cosod",
-            read_ahead=flag("COSOD_READ_AHEAD", True),
-            job_timeout=integer("COSOD_JOB_TIMEOUT", 3600),
-            job_result_ttl=integer("COSOD_JOB_RESULT_TTL", 7 * 24 * 3600),
-            job_failure_ttl=integer("COSOD_JOB_FAILURE_TTL", 30 * 24 * 3600),
-            job_retries=integer("COSOD_JOB_RETRIES", 2),
-            job_attempts=integer("COSOD_JOB_ATTEMPTS", 4),
-            job_backoff=number("COSOD_JOB_BACKOFF", 2.0),
-            worker_heartbeat=integer("COSOD_WORKER_HEARTBEAT", 10),
-            worker_gpu=(first("COSOD_WORKER_GPU") or "").lower() or None,
-            workers_per_gpu=integer("COSOD_WORKERS_PER_GPU", 1),
-            gpu_pool=first("COSOD_GPU_POOL") or "default",
-            train_every=integer("COSOD_TRAIN_EVERY", 10),
-            promote_metric=first("COSOD_PROMOTE_METRIC") or "iou",
-            promote_margin=number("COSOD_PROMOTE_MARGIN", 0.005),
-            finetune_steps=integer("COSOD_FINETUNE_STEPS", 300),
-            finetune_lr=number("COSOD_FINETUNE_LR", 1e-3),
-            heldout_fraction=number("COSOD_HELDOUT_FRACTION", 0.2),
-            finetune_min_corrections=integer("COSOD_FINETUNE_MIN_CORRECTIONS", 3),
-            finetune_timeout=integer("COSOD_FINETUNE_TIMEOUT", 7200),
-        )
+    @field_validator("group_by")
+    @classmethod
+    def _group_by(cls, v: str) -> str:
+        try:
+            return parse_group_by(v)
+        except ValueError:
+            raise ValueError(_GROUP_BY_FORMS) from None
+
+    @field_validator("queue_name", "gpu_pool")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError(_NAME_CHARS)
+        return v
+
+    @field_validator("worker_gpu")
+    @classmethod
+    def _auto_or_unset(cls, v: str | None) -> str | None:
+        if v not in (None, "auto"):
+            raise ValueError("must be 'auto' or unset")
+        return v
+
+    @field_validator("local_files_root", "ls_media_root")
+    @classmethod
+    def _not_root(cls, v: str | None) -> str | None:
+        if v and os.path.abspath(v) == os.path.abspath(os.sep):
+            raise ValueError("must not be '/'")
+        return v
+
+    @model_validator(mode="after")
+    def _together(self) -> Settings:
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise ValueError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
+        if self.worker_gpu == "auto" and not self.device.startswith("cuda"):
+            raise ValueError(f"COSOD_WORKER_GPU=auto needs COSOD_DEVICE=cuda, got {self.device!r}")
+        return self
+
+
+def _labels(cls: type[Settings]) -> dict[str, str]:
+    """Field name or alias -> the name a message uses: the primary env variable, or the field's name."""
+    labels = {}
+    for name, names in cls.env_names().items():
+        for key in (name, *names):
+            labels[key] = names[0] if names else name
+    return labels
