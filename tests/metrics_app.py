@@ -10,9 +10,9 @@ import os
 from types import SimpleNamespace
 from typing import Any
 
-from backend.api.app import create_app
 from flask import Flask, Response
 
+from backend.api.app import create_app
 from backend.settings import Settings
 
 

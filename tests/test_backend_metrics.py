@@ -21,11 +21,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from backend.api.app import create_app
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 
+from backend.api.app import create_app
 from backend.metrics import CONTENT_TYPE, LATENCY_BUCKETS, MULTIPROC_ENV, Metrics, VersionsCollector
 from backend.settings import Settings
 

@@ -387,8 +387,9 @@ def test_the_commands_report_a_bad_setting_in_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """cosod-backend and cosod-worker exit 2 with the message on one line, before any network or Redis."""
-    from backend import cli, worker
-    from backend.app import create_app
+    from backend.api import cli
+    from backend.api.app import create_app
+    from backend.jobs import worker
 
     monkeypatch.setenv("COSOD_MAX_REFS", "many")
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # never reached
