@@ -440,7 +440,7 @@ def build_backbone(
 
 def _download_hub_file(spec: BackboneSpec) -> Path:
     """The hub file of ``spec`` in the local Hugging Face cache, downloaded when missing."""
-    from huggingface_hub import hf_hub_download  # installed with timm
+    from huggingface_hub import hf_hub_download
 
     assert spec.hub_id is not None
     return Path(hf_hub_download(spec.hub_id, spec.hub_filename))
