@@ -262,17 +262,12 @@ def load_head_pipeline(base_pipeline: Any, path: str | Path) -> Any:
     from dataclasses import replace
 
     from cosod.finetune import head_pipeline
+    from cosod.methods import get_method
 
-    if base_pipeline.config.model == "ums":
-        from cosod.ums.checkpoint import load_ums
-
-        head: Any = load_ums(path)
-        cfg = replace(base_pipeline.config, ums_checkpoint=str(path))
-    else:
-        from cosod.scosparc import load_stage1
-
-        head = load_stage1(path).net
-        cfg = replace(base_pipeline.config, stage1_checkpoint=str(path))
+    method = get_method(base_pipeline.config.model)
+    head = method.load_head(path)
+    field = method.checkpoint_field
+    cfg = replace(base_pipeline.config, **{field: str(path)}) if field else base_pipeline.config
     return head_pipeline(base_pipeline, head, cfg)
 
 
@@ -446,30 +441,16 @@ def run_finetune(
 
 def _save_head(model: str, base_pipeline: Any, head: Any, path: Path, record: dict[str, Any]) -> None:
     """Write the candidate's checkpoint atomically with its parent, data ids, metrics and config."""
-    if model == "ums":
-        from dataclasses import replace
+    from cosod.methods import HeadRecord, get_method
 
-        from cosod.ums.checkpoint import save_ums
-
-        save_ums(
-            replace(
-                head,
-                parent=record["parent"],
-                config=record["config"],
-                data_ids=record["data_ids"],
-                metrics=record["metrics"],
-            ),
-            path,
-        )
-        return
-    from cosod.scosparc import Stage1Checkpoint, save_stage1
-
-    ckpt = Stage1Checkpoint(
-        net=head,
-        backbone=base_pipeline.backbone.spec.name,
-        config=record["config"],
-        data_ids=record["data_ids"],
-        metrics=record["metrics"],
-        parent=record["parent"],
+    get_method(model).save_head(
+        head,
+        path,
+        HeadRecord(
+            parent=record["parent"],
+            config=record["config"],
+            data_ids=record["data_ids"],
+            metrics=record["metrics"],
+        ),
+        base_pipeline.backbones,
     )
-    save_stage1(ckpt, path)
