@@ -40,6 +40,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", type=int, default=224)
 
 
+def _model_names() -> list[str]:
+    """The registered methods (``cosod.methods.METHODS``), for ``--model``."""
+    from .methods import METHODS
+
+    return list(METHODS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cosod", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cosod {__version__}")
@@ -53,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=os.environ.get("COSOD_MODEL", "scosparc"),
-        choices=["scosparc", "ums"],
-        help="scosparc (default) or ums; env COSOD_MODEL",
+        choices=_model_names(),
+        help=f"{' or '.join(_model_names())} (default scosparc); env COSOD_MODEL",
     )
     p.add_argument(
         "--checkpoint",
@@ -95,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_root", help="CoSOD layout <root>/images/<group>/* (gt is not used)")
     p.add_argument("--out", required=True, help="checkpoint file to write")
     _add_model_args(p)
-    p.add_argument("--model", default="scosparc", choices=["scosparc", "ums"])
+    p.add_argument("--model", default="scosparc", choices=_model_names())
     p.add_argument(
         "--v2-backbone", default="vit_base_patch14_reg4_dinov2.lvd142m", help="UMS: DINOv2 backbone"
     )
@@ -154,17 +161,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .data import load_groups
     from .features import image_hash
     from .imageio import read_images, write_mask
+    from .methods import get_method
     from .pipeline import Pipeline, PipelineConfig
 
     root = _require_dir(args.groups_dir, "groups folder")
     groups = load_groups(root)
+    field = get_method(args.model).checkpoint_field
+    if args.checkpoint and field is None:
+        raise UsageError(f"model {args.model!r} takes no --checkpoint")
     config = PipelineConfig(
         model=args.model,
         backbone=args.backbone,
         input_size=args.input_size,
         max_refs=args.max_refs,
-        stage1_checkpoint=args.checkpoint if args.model == "scosparc" else None,
-        ums_checkpoint=args.checkpoint if args.model == "ums" else None,
+        **({field: args.checkpoint} if field else {}),
         threshold=args.threshold,
         crf=not args.no_crf,
         refine=not args.no_refine,
@@ -210,7 +220,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import load_groups
-    from .train import TrainConfig, train_stage1, train_ums
+    from .train import TrainConfig, train
 
     root = _require_dir(args.data_root, "training data folder")
     groups = load_groups(root)
@@ -227,7 +237,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     cache_dir = args.cache_dir or str(Path(args.out).with_suffix("")) + ".features"
-    train = train_ums if args.model == "ums" else train_stage1
     ckpt = train(
         groups,
         config,

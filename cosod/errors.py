@@ -59,3 +59,7 @@ class DatasetError(CoSODError, FileNotFoundError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "dataset error"
+
+
+class UnknownMethodError(CoSODError, ValueError):
+    """A model name (``PipelineConfig.model``, ``--model``) that is not in :data:`cosod.methods.METHODS`."""

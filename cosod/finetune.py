@@ -8,12 +8,18 @@ mapped to [0, 1)), so an image's side never changes as corrections accumulate; w
 the fraction, the one with the lowest score is held out. Held-out images never reach the loss; they still
 serve as context when their group is predicted.
 
-- **SCoSPARC stage 1** (:func:`finetune_stage1`): per step one group (at most ``max_group`` images), loss
-  ``w_ss * (L_cooc + 0.3 L_sal) + w_sup * (BCE + soft IoU)``, the supervised term on the corrected images'
-  maps at the token grid (h x w) against the correction box-averaged to the grid (a fraction in [0, 1]).
-- **UMS** (:func:`finetune_ums`): targets are the corrections for corrected images and the active model's
-  predicted masks (pseudo-labels) for the others; BCE + IoU on the final and side outputs
-  (:func:`cosod.train.train_ums_on_features`); B_bar is measured again on the training groups afterwards.
+Training (:func:`finetune`): a copy of the active head's module, the method's fine-tuning loss
+(:meth:`cosod.methods.base.Method.loss` with targets from :meth:`~cosod.methods.base.Method.targets`) and
+Adam with the method's weight decay and betas, through the one loop of :mod:`cosod.loop` (``steps`` steps,
+one group of at most ``max_group`` images each); :meth:`~cosod.methods.base.Method.finish` completes the
+head.
+
+- **SCoSPARC stage 1**: loss ``w_ss * (L_cooc + 0.3 L_sal) + w_sup * (BCE + soft IoU)``, the supervised term
+  on the corrected images' maps at the token grid (h x w) against the correction box-averaged to the grid (a
+  fraction in [0, 1]).
+- **UMS**: targets are the corrections for corrected images and the active model's predicted masks
+  (pseudo-labels) for the others; BCE + IoU on the final and side outputs; B_bar is measured again on the
+  training groups afterwards.
 
 Evaluation (:func:`evaluate_heldout`): each group is predicted whole through the real pipeline (threshold,
 region refinement, CRF) and the final binary masks of the held-out images are scored against their
@@ -27,18 +33,18 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
 
-from .backbones import BackboneFeatures
+from .loop import adam, run_epochs
+from .methods import Batch, LossWeights
+from .methods.scosparc import mask_to_grid as mask_to_grid
+from .methods.scosparc import supervised_terms as supervised_terms
+from .methods.ums import mask_to_square as mask_to_square
 from .metrics import CoSODEvaluator
 from .pipeline import Pipeline, PipelineConfig
-from .scosparc import Stage1Net, stage1_loss
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +107,8 @@ class FinetuneGroup:
 
 @dataclass
 class FinetuneResult:
-    """A trained candidate head (a Stage1Net or a UMSCheckpoint), the training record and the split."""
+    """A trained candidate head (the method's: a Stage1Net, a UMSCheckpoint, ...), the training record and the
+    split."""
 
     head: Any
     train_metrics: dict[str, Any]
@@ -130,125 +137,17 @@ def split_heldout(hashes: Sequence[str], fraction: float = 0.2) -> tuple[list[st
     return [h for h in uniq if h not in hs], held
 
 
-def mask_to_grid(mask: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
-    """bool HxW -> float32 (h, w): the foreground fraction of each grid cell (box average over the image
-    squashed to the grid, as the backbone squashes the image to its input size)."""
-    img = Image.fromarray(mask.astype(np.float32))
-    return torch.from_numpy(np.array(img.resize((grid[1], grid[0]), Image.Resampling.BOX), dtype=np.float32))
-
-
-def mask_to_square(mask: np.ndarray, size: int) -> torch.Tensor:
-    """bool HxW -> float32 (size, size) 0/1 (nearest), the UMS network's output size."""
-    img = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)
-    return torch.from_numpy((np.asarray(img) >= 128).astype(np.float32))
-
-
-def supervised_terms(maps: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """BCE and soft IoU (mean over images of ``1 - sum(PY) / (sum P + sum Y - sum PY)``) of maps (B, h, w)
-    in (0, 1) against targets (B, h, w) in [0, 1]."""
-    p = maps.float().clamp(1e-6, 1 - 1e-6)
-    y = target.float()
-    bce = F.binary_cross_entropy(p, y)
-    inter = (p * y).flatten(1).sum(1)
-    union = p.flatten(1).sum(1) + y.flatten(1).sum(1) - inter
-    return bce, (1.0 - inter / (union + 1e-5)).mean()
-
-
 def _train_part(group: FinetuneGroup, held: set[str]) -> list[int]:
     return [i for i, h in enumerate(group.hashes) if h not in held]
 
 
-def finetune_stage1(
-    net: Stage1Net,
-    feats: Sequence[BackboneFeatures],
-    targets: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    config: FinetuneConfig,
-    *,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
-) -> dict[str, Any]:
-    """Train ``net`` in place. ``feats[g]``: group g's training images; ``targets[g]``: ((B, h, w) grid
-    targets, (B,) bool "has a correction"). Groups of fewer than 2 images are skipped."""
-    usable = [g for g in range(len(feats)) if len(feats[g]) >= 2]
-    if not usable:
-        raise ValueError("fine-tuning stage 1 needs a group with at least 2 training images")
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.99), weight_decay=1e-4)
-    rng = np.random.default_rng(config.seed)
-    order: list[int] = []
-    history: list[dict[str, float]] = []
-    net.train()
-    dev = next(net.parameters()).device
-    for step in range(1, config.steps + 1):
-        if not order:
-            order = [usable[i] for i in rng.permutation(len(usable))]
-        g = order.pop()
-        n = len(feats[g])
-        pick = np.sort(rng.choice(n, size=min(n, config.max_group), replace=False)).tolist()
-        sub = feats[g].select(pick)
-        tokens = sub.tokens.to(dev)
-        maps = net(tokens)
-        ss = stage1_loss(tokens, sub.cls_attention.to(dev), maps).total
-        target, labelled = targets[g][0][pick].to(dev), targets[g][1][pick].to(dev)
-        if bool(labelled.any()):
-            bce, iou = supervised_terms(maps[labelled], target[labelled])
-        else:
-            bce = iou = maps.sum() * 0.0
-        loss = config.self_supervised_weight * ss + config.supervised_weight * (bce + iou)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        rec = {
-            "loss": float(loss.detach()),
-            "self_supervised": float(ss.detach()),
-            "bce": float(bce.detach()),
-            "iou_loss": float(iou.detach()),
-        }
-        history.append(rec)
-        if on_step:
-            on_step(step, rec)
-    net.eval()
-    tail = history[-min(len(history), 20) :]
-    return {"steps": config.steps, "last": {k: float(np.mean([r[k] for r in tail])) for k in tail[0]}}
-
-
-def finetune_ums(
-    ums: Any,
-    load: Callable[[int], tuple[BackboneFeatures, BackboneFeatures, torch.Tensor]],
-    n_groups: int,
-    config: FinetuneConfig,
-    *,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
-) -> tuple[Any, dict[str, Any]]:
-    """Fine-tune a copy of ``ums`` (a UMSCheckpoint); ``load(g)`` gives group g's DINO and DINOv2 features
-    and its (B, S, S) float targets in [0, 1]. Returns the new checkpoint (B_bar re-measured) and metrics."""
-    from .train import TrainConfig, measure_bm_bar, train_ums_on_features
-
-    net = copy.deepcopy(ums.net)
-    tc = TrainConfig(
-        model="ums",
-        epochs=10**6,
-        max_steps=config.steps,
-        lr=config.lr,
-        max_group=config.max_group,
-        seed=config.seed,
-    )
-    metrics = train_ums_on_features(net, load, n_groups, tc, on_step=on_step)
-    bm_bar = measure_bm_bar(net, load, n_groups, config.max_group)
-    cand = replace(
-        ums, net=net.eval(), bm_bar=bm_bar, metrics={**metrics, "bm_bar": bm_bar}, created=time.time()
-    )
-    return cand, {**metrics, "bm_bar": bm_bar}
-
-
 def head_pipeline(base: Pipeline, head: Any, config: PipelineConfig | None = None) -> Pipeline:
-    """A :class:`Pipeline` with ``head`` (Stage1Net or UMSCheckpoint) on ``base``'s backbone(s) and cache;
-    ``config`` defaults to ``base.config`` (it must name the same model)."""
+    """A :class:`Pipeline` with ``head`` (the method's: Stage1Net, UMSCheckpoint, ...) on ``base``'s
+    backbone(s) and cache; ``config`` defaults to ``base.config`` (it must name the same model)."""
     cfg = config or base.config
     if cfg.model != base.config.model:
         raise ValueError(f"config model {cfg.model!r} differs from the base pipeline's {base.config.model!r}")
-    if cfg.model == "ums":
-        return Pipeline(cfg, base.backbone, None, base.cache, ums=head, v2_backbone=base.v2_backbone)
-    return Pipeline(cfg, base.backbone, head, base.cache)
+    return Pipeline(cfg, base.backbone, head, base.cache, v2_backbone=base.v2_backbone)
 
 
 def evaluate_heldout(
@@ -288,54 +187,45 @@ def finetune(
     parts = [(g, idx) for g, idx in parts if len(idx) >= 2]
     if not parts:
         raise ValueError("no group has 2 or more training images after holding out the validation images")
-    if active.config.model == "ums":
-        head, metrics = _finetune_ums(active, parts, config, on_step)
-    else:
-        assert active.stage1 is not None
-        net = copy.deepcopy(active.stage1)
-        feats, targets = [], []
-        for g, idx in parts:
-            f = active.encode([g.images[i] for i in idx], [g.hashes[i] for i in idx])
-            grid = f.grid
-            tgt = torch.zeros(len(idx), *grid)
-            has = torch.zeros(len(idx), dtype=torch.bool)
-            for row, i in enumerate(idx):
-                m = g.masks[i]
-                if m is not None:
-                    tgt[row], has[row] = mask_to_grid(m, grid), True
-            feats.append(f)
-            targets.append((tgt, has))
-        metrics = finetune_stage1(net, feats, targets, config, on_step=on_step)
-        head = net.cpu().eval()
+    method = active.method
+    batches = [_batch(active, g, idx) for g, idx in parts]
+    module = copy.deepcopy(method.module(active.head))
+    defaults = method.train_defaults
+    opt = adam(module, config.lr, defaults.weight_decay, defaults.betas)
+    weights = LossWeights(supervised=config.supervised_weight, self_supervised=config.self_supervised_weight)
+    hist = run_epochs(
+        module,
+        opt,
+        batches.__getitem__,
+        len(batches),
+        lambda batch: method.loss(module, batch, weights),
+        seed=config.seed,
+        max_group=config.max_group,
+        epochs=None,
+        max_steps=config.steps,
+        reverse=method.finetune_reversed,
+        on_step=on_step,
+    )
+    metrics = {**hist.metrics(), "last": hist.tail_mean(20)}  # last: the mean of the last 20 steps
+    head, extra = method.finish(
+        active.head, module, batches.__getitem__, len(batches), max_group=config.max_group, metrics=metrics
+    )
+    metrics.update(extra)
     seconds = time.perf_counter() - t0
-    log.info("fine-tuned %s head on %d groups in %.1f s", active.config.model, len(parts), seconds)
+    log.info("fine-tuned %s head on %d groups in %.1f s", method.name, len(parts), seconds)
     return FinetuneResult(head, {**metrics, "seconds": seconds}, train_h, held_h, seconds)
 
 
-def _finetune_ums(
-    active: Pipeline,
-    parts: list[tuple[FinetuneGroup, list[int]]],
-    config: FinetuneConfig,
-    on_step: Callable[[int, dict[str, float]], None] | None,
-) -> tuple[Any, dict[str, Any]]:
-    assert active.v2_backbone is not None
-    size = active.config.input_size
-    loaded = []
-    for g, idx in parts:
-        needs_pseudo = any(g.masks[i] is None for i in idx)
-        pseudo = active.predict_group(g.images, hashes=g.hashes).masks if needs_pseudo else None
-        imgs, hs = [g.images[i] for i in idx], [g.hashes[i] for i in idx]
-        dino = active.encode(imgs, hs)
-        v2 = active.encode(imgs, hs, v2=True)
-        rows = []
-        for i in idx:
-            m = g.masks[i]
-            if m is None:
-                assert pseudo is not None
-                m = np.asarray(pseudo[i], dtype=bool)
-            rows.append(mask_to_square(m, size))
-        loaded.append((dino, v2, torch.stack(rows)))
-    return finetune_ums(active.ums, loaded.__getitem__, len(loaded), config, on_step=on_step)
+def _batch(active: Pipeline, group: FinetuneGroup, idx: list[int]) -> Batch:
+    """The training batch of ``group``'s images at ``idx``: their features from every backbone and the
+    method's targets; with ``fills_uncorrected``, uncorrected images take the active model's masks."""
+    masks = [group.masks[i] for i in idx]
+    if active.method.fills_uncorrected and any(m is None for m in masks):
+        pred = active.predict_group(group.images, hashes=group.hashes).masks
+        masks = [np.asarray(pred[i], dtype=bool) if m is None else m for m, i in zip(masks, idx, strict=True)]
+    feats = active.encode_all([group.images[i] for i in idx], [group.hashes[i] for i in idx])
+    targets, labelled = active.method.targets(masks, feats, active.config.input_size)
+    return Batch(tuple(feats), targets, labelled)
 
 
 def is_better(candidate: dict[str, Any], active: dict[str, Any], metric: str, margin: float) -> bool:

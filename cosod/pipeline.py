@@ -30,9 +30,13 @@ import torch
 from .backbones import DEFAULT_BACKBONE, Backbone, BackboneFeatures, build_backbone
 from .densecrf import default_workers
 from .features import FeatureCache, check_precision, encode_images, image_hash
+from .methods import METHODS, Method, get_method
+from .methods.base import ModelMaps as ModelMaps
+from .methods.base import choose_references as choose_references
+from .methods.base import reference_mask as reference_mask
+from .methods.scosparc import stage1_maps
 from .refine import (
     ALPHA_C,
-    BM_BAR,
     BOX_SIM,
     CRF_ASPECTS,
     CRF_UNIFORMS,
@@ -48,13 +52,11 @@ from .refine import (
     output_map,
     refine_regions,
     resize_soft,
-    upsample,
 )
-from .scosparc import Stage1Net, load_stage1
 
 log = logging.getLogger(__name__)
 
-MODELS = ("scosparc", "ums")
+MODELS = tuple(METHODS)  # the built-in methods; cosod.methods.METHODS is the live registry
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,7 @@ class PipelineConfig:
     crf_uniform: str = "official"  # "keep": an all-foreground CRF result stays (official: written empty)
 
     def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; known: {', '.join(MODELS)}")
+        get_method(self.model)  # UnknownMethodError (a ValueError) naming the known models
         if self.threshold not in ("auto", "group", "map"):
             raise ValueError(f"threshold must be 'auto', 'group' or 'map', got {self.threshold!r}")
         if self.stage1_init not in ("identity", "seeded"):
@@ -127,23 +128,6 @@ class GroupPrediction:
         return len(self.masks)
 
 
-def choose_references(hashes: Sequence[str], k: int) -> list[int]:
-    """Indices of the reference images of a group: all of them when there are at most ``k``, else the ``k``
-    whose content hashes sort first (deterministic, order-independent, stable as a group grows)."""
-    n = len(hashes)
-    if n <= k:
-        return list(range(n))
-    return sorted(sorted(range(n), key=lambda i: hashes[i])[:k])
-
-
-def reference_mask(n: int, refs: Sequence[int]) -> torch.Tensor:
-    """(n, n) bool: row i marks the reference images image i is compared with (never itself)."""
-    m = torch.zeros(n, n, dtype=torch.bool)
-    m[:, list(refs)] = True
-    m.fill_diagonal_(False)
-    return m
-
-
 def _check_images(images: Sequence[np.ndarray]) -> None:
     for i, img in enumerate(images):
         if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
@@ -153,29 +137,20 @@ def _check_images(images: Sequence[np.ndarray]) -> None:
             raise ValueError(f"image {i}: empty image of shape {img.shape}")
 
 
-@dataclass
-class ModelMaps:
-    """What a model hands to RRBE: soft maps at the working size, the features pooled into the region
-    prototype, the maps at the token grid when the model has them (SCoSPARC's ``fg_wts``), the references."""
-
-    work: torch.Tensor  # (B, S, S) in [0, 1]
-    proto_tokens: torch.Tensor  # (B, h, w, C)
-    grid_maps: torch.Tensor | None  # (B, h, w) or None
-    references: list[int]
-
-
 class Pipeline:
     """Encode a group once, then threshold, refine and CRF it. Build with :meth:`build`.
 
-    ``model == "scosparc"``: frozen backbone + stage-1 network. ``model == "ums"``: a DINO and a DINOv2
-    backbone + the UMS-CoSOD network (``ums``, a :class:`~cosod.ums.checkpoint.UMSCheckpoint`).
+    The method (``config.model``, looked up in :data:`cosod.methods.METHODS`) decides the backbones and the
+    head: ``model == "scosparc"``: one backbone + a :class:`~cosod.scosparc.Stage1Net`; ``model == "ums"``: a
+    DINO and a DINOv2 backbone + a :class:`~cosod.ums.checkpoint.UMSCheckpoint`. ``head`` (or, by its former
+    name, ``ums``) is the method's head; ``v2_backbone`` the second backbone of a two-backbone method.
     """
 
     def __init__(
         self,
         config: PipelineConfig,
         backbone: Backbone,
-        stage1: Stage1Net | None = None,
+        head: Any = None,
         cache: FeatureCache | None = None,
         *,
         ums: Any = None,
@@ -183,31 +158,46 @@ class Pipeline:
         crf_workers: int | None = None,
     ):
         self.config = config
+        self.method: Method = get_method(config.model)
         # processes for a group's CRFs; not part of the config: it changes the speed, never a mask
         self.crf_workers = default_workers() if crf_workers is None else max(1, int(crf_workers))
-        self.backbone = backbone
         self.cache = cache
-        self.stage1 = stage1
-        self.ums = ums
-        self.v2_backbone = v2_backbone
-        if config.model == "scosparc":
-            if stage1 is None:
-                raise ValueError("model 'scosparc' needs a stage-1 network")
-            if stage1.dim != backbone.embed_dim:
-                raise ValueError(
-                    f"stage-1 model has dim {stage1.dim} but backbone {backbone.spec.name} "
-                    f"gives {backbone.embed_dim}"
-                )
-            self.stage1 = stage1.eval().to(backbone.device)
-            default_threshold, default_bm_bar = "group", BM_BAR
-        else:
-            if ums is None or v2_backbone is None:
-                raise ValueError("model 'ums' needs a UMS checkpoint and a DINOv2 backbone")
-            ums.net.eval().to(backbone.device)
-            default_threshold, default_bm_bar = "map", float(ums.bm_bar)
+        self.backbones = [backbone] + ([v2_backbone] if v2_backbone is not None else [])
+        head = head if head is not None else ums
+        name = self.method.name
+        if head is None:
+            raise ValueError(f"model {name!r} needs a head (a trained network or checkpoint)")
+        if len(self.backbones) != self.method.n_backbones:
+            raise ValueError(
+                f"model {name!r} needs {self.method.n_backbones} backbone(s), got {len(self.backbones)}"
+            )
+        self.method.check(head, self.backbones)
+        self.method.module(head).eval().to(backbone.device)
+        self.head = head
+        default_threshold, default_bm_bar = self.method.threshold, self.method.bm_bar(head)
         self.threshold = default_threshold if config.threshold == "auto" else config.threshold
         self.bm_bar = default_bm_bar if config.bm_bar is None else config.bm_bar
         self._version_id = self._compute_version_id()
+
+    @property
+    def backbone(self) -> Backbone:
+        """The first backbone (DINO): the device, the token grid and the base model's ``backbone_id``."""
+        return self.backbones[0]
+
+    @property
+    def v2_backbone(self) -> Backbone | None:
+        """The second backbone of a two-backbone method (UMS's DINOv2), else None."""
+        return self.backbones[1] if len(self.backbones) > 1 else None
+
+    @property
+    def stage1(self) -> Any:
+        """The head under its former SCoSPARC name (a Stage1Net for ``model == "scosparc"``)."""
+        return self.head
+
+    @property
+    def ums(self) -> Any:
+        """The head under its former UMS name (a UMSCheckpoint for ``model == "ums"``)."""
+        return self.head
 
     @classmethod
     def build(
@@ -220,51 +210,30 @@ class Pipeline:
         crf_workers: int | None = None,
     ) -> Pipeline:
         """Load the backbone(s) (raises :class:`~cosod.errors.WeightsMissingError` without their files) and
-        the model: the stage-1 checkpoint or its ``stage1_init`` variant, or the UMS checkpoint, whose
-        recorded backbones are used. ``crf_workers``: processes for a group's CRFs (None: the CPUs, at most 8;
-        1: none, the CRFs run in this process)."""
+        the head, as the method decides (:meth:`cosod.methods.base.Method.build`): SCoSPARC the stage-1
+        checkpoint or its ``stage1_init`` variant on ``config.backbone``; UMS its checkpoint, whose recorded
+        backbones are used. ``crf_workers``: processes for a group's CRFs (None: the CPUs, at most 8; 1: none,
+        the CRFs run in this process)."""
         cfg = config or PipelineConfig()
         cache = FeatureCache(cache_dir) if cache_dir else None
-        size = cfg.input_size
-        if cfg.model == "ums":
-            from .ums.checkpoint import load_ums
 
-            if not cfg.ums_checkpoint:
-                raise ValueError(
-                    "model 'ums' needs a trained checkpoint (ums_checkpoint); train one with "
-                    "`cosod train --model ums`"
-                )
-            ums = load_ums(cfg.ums_checkpoint)
-            amp = cfg.backbone_amp
-            backbone = build_backbone(
-                ums.backbone, weights_dir=weights_dir, device=device, input_size=size, amp=amp
+        def make_backbone(name: str) -> Backbone:
+            return build_backbone(
+                name, weights_dir=weights_dir, device=device, input_size=cfg.input_size, amp=cfg.backbone_amp
             )
-            v2 = build_backbone(
-                ums.v2_backbone, weights_dir=weights_dir, device=device, input_size=size, amp=amp
-            )
-            return cls(cfg, backbone, None, cache, ums=ums, v2_backbone=v2, crf_workers=crf_workers)
-        backbone = build_backbone(
-            cfg.backbone, weights_dir=weights_dir, device=device, input_size=size, amp=cfg.backbone_amp
-        )
-        if cfg.stage1_checkpoint:
-            stage1 = load_stage1(cfg.stage1_checkpoint).net
-        elif cfg.stage1_init == "identity":
-            stage1 = Stage1Net.identity(backbone.embed_dim)
-        else:
-            stage1 = Stage1Net.seeded(backbone.embed_dim)
-        return cls(cfg, backbone, stage1, cache, crf_workers=crf_workers)
+
+        head, backbones = get_method(cfg.model).build(cfg, make_backbone)
+        v2 = backbones[1] if len(backbones) > 1 else None
+        return cls(cfg, backbones[0], head, cache, v2_backbone=v2, crf_workers=crf_workers)
 
     def _compute_version_id(self) -> str:
         cfg = asdict(self.config)
         for volatile in ("batch_size", "stage1_checkpoint", "ums_checkpoint"):
             cfg.pop(volatile)  # the weights themselves are hashed below
         h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
-        h.update(self.backbone.id.encode())
-        if self.v2_backbone is not None:
-            h.update(self.v2_backbone.id.encode())
-        net = self.ums.net if self.config.model == "ums" else self.stage1
-        assert net is not None
-        for name, tensor in sorted(net.state_dict().items()):
+        for backbone in self.backbones:
+            h.update(backbone.id.encode())
+        for name, tensor in sorted(self.method.module(self.head).state_dict().items()):
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         h.update(f"{self.threshold}:{self.bm_bar}".encode())
@@ -278,9 +247,21 @@ class Pipeline:
     def encode(
         self, images: Sequence[np.ndarray], hashes: Sequence[str] | None = None, *, v2: bool = False
     ) -> BackboneFeatures:
-        """Features of ``images`` from the backbone (``v2``: UMS's DINOv2 backbone), through the cache."""
+        """Features of ``images`` from the backbone (``v2``: the second backbone, UMS's DINOv2), through the
+        cache."""
         backbone = self.v2_backbone if v2 else self.backbone
         assert backbone is not None
+        return self._encode(backbone, images, hashes)
+
+    def encode_all(
+        self, images: Sequence[np.ndarray], hashes: Sequence[str] | None = None
+    ) -> list[BackboneFeatures]:
+        """Features of ``images`` from every backbone of the method, in its order, through the cache."""
+        return [self._encode(b, images, hashes) for b in self.backbones]
+
+    def _encode(
+        self, backbone: Backbone, images: Sequence[np.ndarray], hashes: Sequence[str] | None
+    ) -> BackboneFeatures:
         return encode_images(
             backbone,
             images,
@@ -290,56 +271,33 @@ class Pipeline:
             precision=self.config.feature_precision,
         )
 
-    @torch.no_grad()
     def stage1_maps(self, feats: BackboneFeatures, hashes: Sequence[str]) -> tuple[torch.Tensor, list[int]]:
         """SCoSPARC: (B, h, w) soft maps and the reference indices used. One image: its saliency."""
-        assert self.stage1 is not None
-        n = len(feats)
-        if n == 1:
-            net = self.stage1
-            return torch.sigmoid((feats.cls_attention - net.thresh) / net.temperature), [0]
-        refs = choose_references(hashes, self.config.max_refs)
-        maps = self.stage1(feats.tokens.to(self.backbone.device), reference_mask(n, refs), chunk=16)
-        return maps.float().cpu(), refs
+        return stage1_maps(
+            self.head, feats, hashes, max_refs=self.config.max_refs, device=self.backbone.device
+        )
 
-    @torch.no_grad()
     def ums_maps(self, feats: BackboneFeatures, feats2: BackboneFeatures, hashes: Sequence[str]) -> ModelMaps:
-        """UMS: the network runs on one group per forward (CFMM mixes the batch). Up to K images go in
-        together; a larger group runs as the K references alone, then as the references plus chunks of at
-        most K other images, so every image meets the same K references and the cost stays linear."""
-        n = len(feats)
-        refs = choose_references(hashes, self.config.max_refs)
-        batches = [refs] + [
-            refs + chunk
-            for chunk in _chunks([i for i in range(n) if i not in set(refs)], self.config.max_refs)
-        ]
-        work: list[torch.Tensor | None] = [None] * n
-        proto: list[torch.Tensor | None] = [None] * n
-        dev = self.backbone.device
-        for batch in batches:
-            out = self.ums.net(feats.tokens[batch].to(dev), feats2.tokens[batch].to(dev))
-            maps = torch.sigmoid(out.logits[:, 0]).float().cpu()
-            enriched = out.enriched.permute(0, 2, 3, 1).float().cpu()
-            for row, i in enumerate(batch):
-                if work[i] is None:
-                    work[i], proto[i] = maps[row], enriched[row]
-        size = self.config.input_size
-        stacked = torch.stack([w for w in work if w is not None])
-        if tuple(stacked.shape[1:]) != (size, size):
-            stacked = upsample(stacked, size)
-        return ModelMaps(stacked, torch.stack([p for p in proto if p is not None]), None, refs)
+        """UMS: the maps of a group from its DINO and DINOv2 features (see :mod:`cosod.methods.ums`)."""
+        return self.head_maps([feats, feats2], hashes)
+
+    def head_maps(self, feats: Sequence[BackboneFeatures], hashes: Sequence[str]) -> ModelMaps:
+        """The method's maps of a group from its features (one per backbone)."""
+        return self.method.maps(
+            self.head,
+            feats,
+            hashes,
+            max_refs=self.config.max_refs,
+            size=self.config.input_size,
+            device=self.backbone.device,
+        )
 
     def model_maps(self, images: Sequence[np.ndarray], digests: Sequence[str]) -> tuple[ModelMaps, float]:
         """Encode (timed apart) and run the model; returns the maps and the encoding seconds."""
         t0 = time.perf_counter()
-        feats = self.encode(images, digests)
-        if self.config.model == "ums":
-            feats2 = self.encode(images, digests, v2=True)
-            t1 = time.perf_counter()
-            return self.ums_maps(feats, feats2, digests), t1 - t0
+        feats = self.encode_all(images, digests)
         t1 = time.perf_counter()
-        maps, refs = self.stage1_maps(feats, digests)
-        return ModelMaps(upsample(maps, self.config.input_size), feats.tokens, maps, refs), t1 - t0
+        return self.head_maps(feats, digests), t1 - t0
 
     def predict_group(
         self, images: Sequence[np.ndarray], *, hashes: Sequence[str] | None = None
@@ -421,10 +379,6 @@ class Pipeline:
             thresholds=[float(t) for t in th],
             regions=regions,
         )
-
-
-def _chunks(items: list[int], size: int) -> list[list[int]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def describe(config: PipelineConfig) -> dict[str, Any]:

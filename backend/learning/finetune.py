@@ -243,30 +243,16 @@ def _groups(members: dict[str, list[Member]]) -> list[Any]:
 
 def _save_head(model: str, base_pipeline: Any, head: Any, path: Path, record: dict[str, Any]) -> None:
     """Write the candidate's checkpoint atomically with its parent, data ids, metrics and config."""
-    if model == "ums":
-        from dataclasses import replace
+    from cosod.methods import HeadRecord, get_method
 
-        from cosod.ums.checkpoint import save_ums
-
-        save_ums(
-            replace(
-                head,
-                parent=record["parent"],
-                config=record["config"],
-                data_ids=record["data_ids"],
-                metrics=record["metrics"],
-            ),
-            path,
-        )
-        return
-    from cosod.scosparc import Stage1Checkpoint, save_stage1
-
-    ckpt = Stage1Checkpoint(
-        net=head,
-        backbone=base_pipeline.backbone.spec.name,
-        config=record["config"],
-        data_ids=record["data_ids"],
-        metrics=record["metrics"],
-        parent=record["parent"],
+    get_method(model).save_head(
+        head,
+        path,
+        HeadRecord(
+            parent=record["parent"],
+            config=record["config"],
+            data_ids=record["data_ids"],
+            metrics=record["metrics"],
+        ),
+        base_pipeline.backbones,
     )
-    save_stage1(ckpt, path)

@@ -257,15 +257,10 @@ def load_head_pipeline(base_pipeline: Any, path: str | Path) -> Any:
     from dataclasses import replace
 
     from cosod.finetune import head_pipeline
+    from cosod.methods import get_method
 
-    if base_pipeline.config.model == "ums":
-        from cosod.ums.checkpoint import load_ums
-
-        head: Any = load_ums(path)
-        cfg = replace(base_pipeline.config, ums_checkpoint=str(path))
-    else:
-        from cosod.scosparc import load_stage1
-
-        head = load_stage1(path).net
-        cfg = replace(base_pipeline.config, stage1_checkpoint=str(path))
+    method = get_method(base_pipeline.config.model)
+    head = method.load_head(path)
+    field = method.checkpoint_field
+    cfg = replace(base_pipeline.config, **{field: str(path)}) if field else base_pipeline.config
     return head_pipeline(base_pipeline, head, cfg)
