@@ -45,39 +45,41 @@ def parse_label_config(xml: str, *, label: str | None = None) -> LabelConfig:
         root = ET.fromstring(xml)
     except ET.ParseError as exc:
         raise LabelConfigError(f"the label config is not valid XML ({exc})") from None
-    images: dict[str, str] = {}
-    for el in root.iter():
-        if el.tag.lower() == "image" and el.get("name") and (el.get("value") or "").startswith("$"):
-            images[el.get("name", "")] = el.get("value", "")[1:]
-    controls: list[Control] = []
-    for el in root.iter():
-        kind = el.tag.lower()
-        if kind not in SUPPORTED:
-            continue
-        name, to_name = el.get("name"), el.get("toName") or el.get("toname")
-        if not name or not to_name:
-            raise LabelConfigError(f"<{el.tag}> needs both name= and toName= attributes")
-        target = to_name.split(",")[0].strip()
-        if target not in images:
-            raise LabelConfigError(
-                f"<{el.tag} name={name!r}> points to toName={to_name!r}, which is not an "
-                f'<Image name="{target}" value="$..."/> in the config'
-            )
-        labels = [lab.get("value") or "" for lab in el.iter() if lab.tag.lower() == "label"]
-        labels = [v for v in labels if v]
-        if not labels:
-            raise LabelConfigError(
-                f'<{el.tag} name={name!r}> has no <Label value="..."/>; add one, e.g. "Object"'
-            )
-        chosen = labels[0]
-        if label is not None:
-            if label not in labels:
-                raise LabelConfigError(f"label {label!r} (extra_params) is not one of {labels} in <{el.tag}>")
-            chosen = label
-        controls.append(Control(kind, name, target, images[target], chosen))
+    images = _images(root)
+    controls = [_control(el, images, label) for el in root.iter() if el.tag.lower() in SUPPORTED]
     if not controls:
         raise LabelConfigError(f"the label config has no BrushLabels or PolygonLabels control; add {EXAMPLE}")
     # all controls must read the same image: a prediction is made for one image per task
     if len({c.value_key for c in controls}) > 1:
         raise LabelConfigError("the BrushLabels/PolygonLabels controls point to different images; use one")
     return LabelConfig(tuple(controls))
+
+
+def _images(root: ET.Element) -> dict[str, str]:
+    """Image tag name -> the task data key it shows (``value="$image"`` -> ``image``)."""
+    images: dict[str, str] = {}
+    for el in root.iter():
+        if el.tag.lower() == "image" and el.get("name") and (el.get("value") or "").startswith("$"):
+            images[el.get("name", "")] = el.get("value", "")[1:]
+    return images
+
+
+def _control(el: ET.Element, images: dict[str, str], label: str | None) -> Control:
+    """One BrushLabels/PolygonLabels tag as a :class:`Control`, or the error that says what to fix."""
+    name, to_name = el.get("name"), el.get("toName") or el.get("toname")
+    if not name or not to_name:
+        raise LabelConfigError(f"<{el.tag}> needs both name= and toName= attributes")
+    target = to_name.split(",")[0].strip()
+    if target not in images:
+        raise LabelConfigError(
+            f"<{el.tag} name={name!r}> points to toName={to_name!r}, which is not an "
+            f'<Image name="{target}" value="$..."/> in the config'
+        )
+    labels = [v for v in (lab.get("value") or "" for lab in el.iter() if lab.tag.lower() == "label") if v]
+    if not labels:
+        raise LabelConfigError(
+            f'<{el.tag} name={name!r}> has no <Label value="..."/>; add one, e.g. "Object"'
+        )
+    if label is not None and label not in labels:
+        raise LabelConfigError(f"label {label!r} (extra_params) is not one of {labels} in <{el.tag}>")
+    return Control(el.tag.lower(), name, target, images[target], label if label is not None else labels[0])
