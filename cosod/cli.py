@@ -14,14 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .errors import UsageError
 
 log = logging.getLogger("cosod")
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    """A problem the user must fix; printed as one line, exit code 2."""
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

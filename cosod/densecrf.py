@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import CRFFailed, CRFWorkerError
+
 log = logging.getLogger(__name__)
 
 CRF_REFERENCE_SIDE = 224  # the official CRF runs at 224x224; pairwise sxy values are in pixels at that size
@@ -96,10 +98,6 @@ def dense_crf(image: np.ndarray, mask: np.ndarray, params: CRFParams = OFFICIAL_
     return q.argmax(axis=0).astype(bool)
 
 
-class CRFWorkerError(RuntimeError):
-    """A CRF worker process died while it held part of a group."""
-
-
 def default_workers() -> int:
     """The CPUs this process may use, at most 8: the pool size when none is given."""
     try:
@@ -137,10 +135,6 @@ class _Pools:
 
 
 _POOLS = _Pools()
-
-
-class CRFFailed(Exception):
-    """pydensecrf raised in a worker process (the message names the original exception)."""
 
 
 def _crf_job(image: np.ndarray, labels: np.ndarray, params: CRFParams) -> np.ndarray | CRFFailed:

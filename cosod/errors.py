@@ -63,3 +63,15 @@ class DatasetError(CoSODError, FileNotFoundError):
 
 class UnknownMethodError(CoSODError, ValueError):
     """A model name (``PipelineConfig.model``, ``--model``) that is not in :data:`cosod.methods.METHODS`."""
+
+
+class UsageError(Exception):
+    """``cosod``: a problem the user must fix; printed as one line, exit code 2."""
+
+
+class CRFWorkerError(RuntimeError):
+    """A dense-CRF worker process died while it held part of a group (:mod:`cosod.densecrf`)."""
+
+
+class CRFFailed(Exception):
+    """pydensecrf raised in a CRF worker process (the message names the original exception)."""
