@@ -27,6 +27,7 @@ from PIL import Image
 from torch import nn
 
 from ..backbones import Backbone, BackboneFeatures
+from ..metrics import iou
 from ..refine import upsample
 from .base import (
     Batch,
@@ -57,10 +58,11 @@ def mask_to_square(mask: np.ndarray, size: int) -> torch.Tensor:
 
 
 def _soft_iou(pred: torch.Tensor, target: torch.Tensor) -> float:
-    p = pred >= 0.5
-    t = target >= 0.5
-    union = (p | t).flatten(1).sum(dim=1).clamp_min(1)
-    return float(((p & t).flatten(1).sum(dim=1) / union).mean())
+    """Mean over the batch of the IoU of ``pred >= 0.5`` with ``target >= 0.5`` ((B, H, W) each; an empty
+    pair counts 0), by :func:`cosod.metrics.iou`."""
+    p = (pred >= 0.5).cpu().numpy()
+    t = (target >= 0.5).cpu().numpy()
+    return float(np.mean([iou(a, b, empty=0.0) for a, b in zip(p, t, strict=True)]))
 
 
 def _chunks(items: list[int], size: int) -> list[list[int]]:
