@@ -146,6 +146,18 @@ def _crf_job(image: np.ndarray, labels: np.ndarray, params: CRFParams) -> np.nda
         return CRFFailed(f"{type(exc).__name__}: {exc}")
 
 
+def prestart(workers: int) -> None:
+    """Start the pool's processes now, in the background (their imports take a second or two), so that the
+    first group does not wait for them. A no-op for ``workers <= 1`` or a pool switched off; failures are
+    left for :func:`run_crfs` to handle."""
+    if workers <= 1 or _POOLS.disabled is not None:
+        return
+    try:
+        _POOLS.get(workers).submit(os.getpid)
+    except Exception as exc:  # run_crfs decides what a pool that cannot start means
+        log.debug("CRF pool not started ahead: %s", exc)
+
+
 def run_crfs(
     images: Sequence[np.ndarray], labels: Sequence[np.ndarray], params: CRFParams, workers: int
 ) -> list[np.ndarray]:

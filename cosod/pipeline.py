@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .backbones import DEFAULT_BACKBONE, Backbone, BackboneFeatures, build_backbone
-from .densecrf import default_workers
+from .densecrf import default_workers, prestart
 from .features import FeatureCache, check_precision, encode_images, image_hash
 from .methods import METHODS, Method, get_method
 from .methods.base import ModelMaps as ModelMaps
@@ -161,6 +161,8 @@ class Pipeline:
         self.method: Method = get_method(config.model)
         # processes for a group's CRFs; not part of the config: it changes the speed, never a mask
         self.crf_workers = default_workers() if crf_workers is None else max(1, int(crf_workers))
+        if config.crf:
+            prestart(self.crf_workers)  # the CRF processes start while the caller does other things
         self.cache = cache
         self.backbones = [backbone] + ([v2_backbone] if v2_backbone is not None else [])
         head = head if head is not None else ums

@@ -136,6 +136,15 @@ def test_the_pool_starts_under_a_script_and_its_workers_do_not_run_the_script(tm
     assert 1 <= sum(line.startswith("top level ran") for line in lines) <= 3
 
 
+def test_a_pipeline_starts_its_crf_processes_when_it_is_built(fresh_pools):
+    from cosod.pipeline import Pipeline, PipelineConfig
+
+    Pipeline.build(PipelineConfig(backbone="tiny"), crf_workers=2)
+    assert 2 in fresh_pools.executors  # started before the first group
+    Pipeline.build(PipelineConfig(backbone="tiny", crf=False), crf_workers=3)
+    assert 3 not in fresh_pools.executors  # no CRF, no processes
+
+
 def test_default_workers_is_the_usable_cpus_capped():
     assert 1 <= default_workers() <= min(len(os.sched_getaffinity(0)), densecrf.MAX_AUTO_WORKERS)
 
