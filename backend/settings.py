@@ -73,7 +73,7 @@ from cosod.imageio import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 DEFAULT_BACKBONE = "vit_small_patch8_224.dino"
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 ModelName = Literal["scosparc", "ums"]
-PromoteMetric = Literal[  # cosod.pipeline.MODELS, without importing torch here
+PromoteMetric = Literal[  # the keys of cosod.finetune.HIGHER_IS_BETTER, without importing torch here
     "iou", "max_f", "mean_f", "max_e", "mean_e", "s_measure", "mae", "hce"
 ]
 LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)

@@ -399,3 +399,13 @@ def test_the_commands_report_a_bad_setting_in_one_line(
     assert capsys.readouterr().err == "cosod-worker: COSOD_MAX_REFS must be an integer, got 'many'\n"
     with pytest.raises(ValueError, match="^COSOD_MAX_REFS must be an integer, got 'many'$"):
         create_app()  # gunicorn fails to boot with it
+
+
+def test_the_settings_choices_are_the_librarys() -> None:
+    """Settings name the models and promotion metrics without importing torch; they must be cosod's."""
+    from backend.settings import MODELS, PROMOTE_METRICS
+    from cosod.finetune import HIGHER_IS_BETTER
+    from cosod.methods import METHODS
+
+    assert set(MODELS) == set(METHODS)
+    assert set(PROMOTE_METRICS) == set(HIGHER_IS_BETTER)
