@@ -1,7 +1,63 @@
-"""Every exception of the backend. Those under :class:`BackendError` map to one HTTP status each; all carry
-an actionable message."""
+"""Every exception of the backend, and the one place that makes untrusted values and secrets safe to show.
+
+Those under :class:`BackendError` map to one HTTP status each; all carry an actionable message.
+
+Messages and log lines quote what a client sent with :func:`quote` (a bounded ``repr``: a 20 MB string or a
+10,000-deep list becomes at most :data:`QUOTE_CHARS` characters, a lone surrogate an escape), and name a URL
+with :func:`redact_url` (no password). The API passes every message it answers with through
+:func:`redact`, which also blanks the configured secrets (Redis password, Label Studio key, basic-auth
+password) wherever they appear.
+"""
 
 from __future__ import annotations
+
+import re
+import reprlib
+from collections.abc import Iterable
+from typing import Any
+
+QUOTE_CHARS = 160  # the most characters of a client's value a message or a log line repeats
+
+_repr = reprlib.Repr()
+_repr.maxstring = QUOTE_CHARS
+_repr.maxother = QUOTE_CHARS
+_repr.maxlevel = 3
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 8
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^/?#@\s]*)@")
+
+
+def quote(value: Any) -> str:
+    """``repr(value)``, bounded: long strings and containers are cut (reprlib), deep nesting is elided, and
+    the result is at most about :data:`QUOTE_CHARS` characters, with the full length of a cut string."""
+    text = _repr.repr(value)
+    if isinstance(value, str | bytes) and len(value) > QUOTE_CHARS:
+        text += f" ({len(value)} chars)"
+    return text[: 2 * QUOTE_CHARS]
+
+
+def brief(message: str, limit: int = 2 * QUOTE_CHARS) -> str:
+    """A message cut to ``limit`` characters (for messages that may embed a value nobody quoted)."""
+    return message if len(message) <= limit else f"{message[:limit]}… ({len(message)} chars)"
+
+
+def redact_url(url: str) -> str:
+    """``url`` without the password of its userinfo (``redis://:secret@host`` -> ``redis://:***@host``)."""
+    return _URL_USERINFO.sub(lambda m: m.group(1) + _blank_password(m.group(2)) + "@", url)
+
+
+def _blank_password(userinfo: str) -> str:
+    user, sep, _ = userinfo.partition(":")
+    return f"{user}:***" if sep else "***"
+
+
+def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """``text`` with every URL's password and every one of ``secrets`` (those of 4 or more characters)
+    replaced by ``***``."""
+    text = redact_url(text)
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
 
 
 class BackendError(Exception):

@@ -20,6 +20,10 @@ Environment variables (primary name, then aliases) -> field, default:
 - COSOD_CRF_WORKERS -> crf_workers, unset: processes for a group's dense CRFs, the CPUs (at most 8); 1 runs
   them in the serving process. The masks are the same whatever the number.
 - COSOD_MAX_IMAGE_BYTES / COSOD_MAX_IMAGE_PIXELS -> image limits, 64 MiB / 50 Mpx
+- COSOD_MAX_BODY_BYTES -> max_body_bytes, 16 MiB: a larger request body is answered 413 before it is read
+  (JSON nested deeper than Python's parser allows is answered 400)
+- COSOD_MAX_PREDICT_TASKS -> max_predict_tasks, 256: the tasks one /predict computes; those beyond it get a
+  per-task error naming this variable (pre-annotate big projects with POST /jobs/prelabel)
 - COSOD_TASK_LIST_TTL -> task_list_ttl, 60 s (how long a project's task list is cached)
 - COSOD_GROUP_CACHE_SIZE -> group_cache_size, 64 groups
 - LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, LOCAL_FILES_DOCUMENT_ROOT -> local_files_root, none
@@ -63,6 +67,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import Any, Literal, get_args
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -198,6 +203,8 @@ class Settings(BaseSettings):
     crf_workers: int | None = _env(None, "COSOD_CRF_WORKERS", ge=1)
     max_image_bytes: int = _env(DEFAULT_MAX_BYTES, "COSOD_MAX_IMAGE_BYTES", ge=1)
     max_image_pixels: int = _env(DEFAULT_MAX_PIXELS, "COSOD_MAX_IMAGE_PIXELS", ge=1)
+    max_body_bytes: int = _env(16 * 1024 * 1024, "COSOD_MAX_BODY_BYTES", ge=1024)
+    max_predict_tasks: int = _env(256, "COSOD_MAX_PREDICT_TASKS", ge=1)
     local_files_root: str | None = _env(
         None, "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "LOCAL_FILES_DOCUMENT_ROOT"
     )
@@ -261,6 +268,13 @@ class Settings(BaseSettings):
     @property
     def basic_auth(self) -> bool:
         return bool(self.basic_auth_user)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The configured secrets, which no answer may show (see :func:`backend.errors.redact`)."""
+        redis_password = urlsplit(self.redis_url).password if self.redis_url else None
+        found = (self.label_studio_api_key, self.basic_auth_pass, redis_password)
+        return tuple(s for s in found if s)
 
     def with_(self, **changes: Any) -> Settings:
         """A copy with ``changes`` (by field name), validated like a new one."""

@@ -30,6 +30,8 @@ TODAYS_DEFAULTS: dict[str, Any] = {
     "crf_workers": None,
     "max_image_bytes": 64 * 1024 * 1024,
     "max_image_pixels": 50_000_000,
+    "max_body_bytes": 16 * 1024 * 1024,
+    "max_predict_tasks": 256,
     "local_files_root": None,
     "ls_media_root": None,
     "task_list_ttl": 60.0,

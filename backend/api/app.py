@@ -11,7 +11,6 @@ error reaches the client as JSON ``{"error": ..., "status": ...}``; tracebacks s
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 import time
@@ -21,7 +20,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from ..errors import BackendError, BadRequestError
+from ..errors import BackendError, BadRequestError, quote, redact
 from ..jobs.context import JobContext, install_context
 from ..jobs.enqueue import enqueue_finetune
 from ..labelstudio.protocol import LEARNING_EVENTS, parse_id
@@ -29,20 +28,10 @@ from ..metrics import CONTENT_TYPE, Metrics, VersionsCollector
 from ..prediction import build_model
 from ..prediction.pipelines import PipelineFactory, PipelineLoader
 from ..settings import Settings
+from .guard import action_label, authorized, json_object, method_label
 from .jobs_routes import blueprint as jobs_blueprint
 
 log = logging.getLogger(__name__)
-
-MAX_BODY_BYTES = 256 * 1024 * 1024  # a request body over this gets a JSON 413
-
-
-def _json_body() -> dict[str, Any]:
-    body = request.get_json(force=True, silent=True)
-    if not isinstance(body, dict):
-        raise BadRequestError(
-            "the request body must be a JSON object" + ("" if request.data else " (the body is empty)")
-        )
-    return body
 
 
 class RedisProbe:
@@ -74,7 +63,7 @@ class RedisProbe:
             self._client.ping()
             return "ok"
         except Exception as exc:
-            return f"unreachable ({exc.__class__.__name__}: {exc})"
+            return f"unreachable ({exc.__class__.__name__}: {redact(str(exc))})"
 
 
 def _configure_logging(level: str) -> None:
@@ -110,7 +99,7 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
 
     app = Flask(__name__)
     app.config["JSON_SORT_KEYS"] = False
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["cosod"] = {
         "settings": settings,
         "model": model,
@@ -128,29 +117,18 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
     def _before() -> Response | None:
         g.t0 = time.perf_counter()
         loader.ensure_started()
-        if settings.basic_auth:
-            auth = request.authorization
-            ok = (
-                auth is not None
-                and auth.type == "basic"
-                and hmac.compare_digest(
-                    (auth.username or "").encode(), (settings.basic_auth_user or "").encode()
-                )
-                and hmac.compare_digest(
-                    (auth.password or "").encode(), (settings.basic_auth_pass or "").encode()
-                )
-            )
-            if not ok:
-                resp = jsonify(error="authentication required (HTTP basic auth)", status=401)
-                resp.status_code = 401
-                resp.headers["WWW-Authenticate"] = 'Basic realm="cosod-ml-backend"'
-                return resp
+        if not authorized(request, settings):
+            resp = jsonify(error="authentication required (HTTP basic auth)", status=401)
+            resp.status_code = 401
+            resp.headers["WWW-Authenticate"] = 'Basic realm="cosod-ml-backend"'
+            return resp
         return None
 
     @app.after_request
     def _after(resp: Response) -> Response:
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        metrics.requests.labels(method=request.method, route=route, status=str(resp.status_code)).inc()
+        status = str(resp.status_code)
+        metrics.requests.labels(method=method_label(request.method), route=route, status=status).inc()
         if "t0" in g:
             metrics.request_seconds.labels(route=route).observe(time.perf_counter() - g.t0)
         return resp
@@ -159,19 +137,23 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
     def _backend_error(exc: BackendError) -> tuple[Response, int]:
         kind = type(exc).__name__
         metrics.errors.labels(kind=kind).inc()
-        log.warning("%s %s -> %d %s: %s", request.method, request.path, exc.status, kind, exc)
-        return jsonify(error=str(exc), type=kind, status=exc.status), exc.status
+        message = redact(str(exc), settings.secrets)
+        log.warning("%s %s -> %d %s: %s", request.method, quote(request.path), exc.status, kind, message)
+        return jsonify(error=message, type=kind, status=exc.status), exc.status
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:
         code = exc.code or 500
-        metrics.errors.labels(kind=f"http_{code}").inc()
-        return jsonify(error=exc.description or exc.name, status=code), code
+        metrics.errors.labels(kind=f"http_{code}" if code in (400, 401, 404, 405, 413, 415) else "http").inc()
+        message = exc.description or exc.name
+        if code == 413:
+            message = f"the request body is over COSOD_MAX_BODY_BYTES ({settings.max_body_bytes} bytes)"
+        return jsonify(error=message, status=code), code
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:
         metrics.errors.labels(kind="internal").inc()
-        log.exception("unexpected error on %s %s", request.method, request.path)
+        log.exception("unexpected error on %s %s", method_label(request.method), quote(request.path))
         return jsonify(
             error=f"internal error ({exc.__class__.__name__}); see the backend log", status=500
         ), 500
@@ -205,7 +187,7 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
 
     @app.post("/setup")
     def setup() -> Response:
-        body = _json_body()
+        body = json_object(request)
         if "project" not in body:
             raise BadRequestError("/setup needs 'project' ('<id>.<timestamp>')")
         pid = parse_id(body["project"], "'project'")
@@ -219,7 +201,7 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
 
     @app.post("/predict")
     def predict() -> Response:
-        body = _json_body()
+        body = json_object(request)
         tasks = body.get("tasks")
         if not isinstance(tasks, list) or not tasks:
             raise BadRequestError("/predict needs 'tasks', a non-empty list of Label Studio tasks")
@@ -242,11 +224,14 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
 
     @app.post("/webhook")
     def webhook() -> tuple[Response, int]:
-        body = _json_body()
+        body = json_object(request)
         action = body.get("action")
         if not isinstance(action, str) or not action:
             raise BadRequestError("/webhook needs 'action' (e.g. ANNOTATION_CREATED)")
-        metrics.webhook_events.labels(action=action).inc()
+        metrics.webhook_events.labels(action=action_label(action)).inc()
+        if action_label(action) == "other":  # not a Label Studio event: nothing to do, nothing echoed
+            log.info("webhook: unknown action %s ignored", quote(action))
+            return jsonify(status="ignored", action="other"), 200
         info = model.fit(action, body)
         status = "ok" if action in LEARNING_EVENTS else "ignored"
         return jsonify(status=status, **info), 200

@@ -21,11 +21,14 @@ from ..errors import (
     QueueDownError,
     TransientJobError,
     UnknownProjectError,
+    quote,
 )
 from ..jobs import queue as jobqueue
 from ..jobs.enqueue import enqueue_prelabel
+from ..jobs.protocol import is_job_id
 from ..labelstudio.protocol import parse_id
 from ..settings import Settings
+from .guard import json_object
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +45,18 @@ def _queue() -> jobqueue.JobQueue:
 
 @blueprint.post("/jobs/prelabel")
 def prelabel() -> tuple[Response, int]:
-    body = request.get_json(force=True, silent=True)
-    if not isinstance(body, dict):
-        raise BadRequestError('the request body must be a JSON object like {"project": 1}')
+    body = json_object(request)
     unknown = sorted(set(body) - {"project", "group_by", "groups"})
     if unknown:
-        raise BadRequestError(f"unknown field(s) {unknown}; allowed: project, group_by, groups")
+        raise BadRequestError(f"unknown field(s) {quote(unknown)}; allowed: project, group_by, groups")
     pid = parse_id(body.get("project"), "'project'")
     group_by = body.get("group_by")
     if group_by is not None and not isinstance(group_by, str):
-        raise BadRequestError(f"'group_by' must be 'project' or 'field:<name>', got {group_by!r}")
+        raise BadRequestError(f"'group_by' must be 'project' or 'field:<name>', got {quote(group_by)}")
     groups = body.get("groups")
-    if groups is not None and not isinstance(groups, list):
-        raise BadRequestError(f"'groups' must be a list of group names, got {groups!r}")
+    names_ok = isinstance(groups, list) and all(x is None or isinstance(x, str) for x in groups)
+    if groups is not None and not names_ok:
+        raise BadRequestError(f"'groups' must be a list of group names, got {quote(groups)}")
     try:
         enqueued = enqueue_prelabel(pid, group_by, groups)
     except (jobqueue.QueueUnavailableError, TransientJobError) as exc:
@@ -74,12 +76,14 @@ def prelabel() -> tuple[Response, int]:
 
 @blueprint.get("/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
+    if not is_job_id(job_id):
+        raise JobNotFoundError(f"no job {quote(job_id)} (not a job id)")
     try:
         info = _queue().fetch(job_id)
     except jobqueue.QueueUnavailableError as exc:
         raise QueueDownError(str(exc)) from None
     if info is None:
-        raise JobNotFoundError(f"no job {job_id!r} (unknown, or expired after its TTL)")
+        raise JobNotFoundError(f"no job {quote(job_id)} (unknown, or expired after its TTL)")
     return jsonify(info.to_dict())
 
 
@@ -96,10 +100,12 @@ def list_jobs() -> Response:
 
 @blueprint.delete("/jobs/<job_id>")
 def cancel_job(job_id: str) -> Response:
+    if not is_job_id(job_id):
+        raise JobNotFoundError(f"no job {quote(job_id)} (not a job id)")
     try:
         info = _queue().cancel(job_id)
     except jobqueue.QueueUnavailableError as exc:
         raise QueueDownError(str(exc)) from None
     if info is None:
-        raise JobNotFoundError(f"no job {job_id!r} (unknown, or expired after its TTL)")
+        raise JobNotFoundError(f"no job {quote(job_id)} (unknown, or expired after its TTL)")
     return jsonify(info.to_dict())

@@ -15,6 +15,7 @@ import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 
+from ..errors import quote
 from ..grouping import GroupKey, effective_rule, group_key, members
 from ..labelstudio.protocol import parse_id
 from ..settings import Settings, parse_group_by
@@ -44,7 +45,7 @@ def enqueue_prelabel(
     if groups is not None and (
         isinstance(groups, str) or not all(g is None or isinstance(g, str) for g in groups)
     ):
-        raise ValueError(f"groups must be a list of group names (strings or null), got {groups!r}")
+        raise ValueError(f"groups must be a list of group names (strings or null), got {quote(groups)}")
     ctx = context()
     project = project_state(ctx, project_id, attempts=1)  # an HTTP request is waiting: fail fast
     rule = effective_rule(parse_group_by(group_by) if group_by is not None else project.group_by)
@@ -62,7 +63,9 @@ def enqueue_prelabel(
         unknown = [g for g in groups if g not in known]
         if unknown:
             shown = sorted(str(v) for v in known)[:20]
-            raise ValueError(f"project {project_id} has no group {unknown!r} under {rule!r}; groups: {shown}")
+            raise ValueError(
+                f"project {project_id} has no group {quote(unknown)} under {rule!r}; groups: {quote(shown)}"
+            )
         keys = [k for k in keys if k.value in set(groups)]
     q = jobqueue.get_queue(ctx.settings)
     s = ctx.settings

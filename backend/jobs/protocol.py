@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import contextvars
 import datetime as dt
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
+
+from ..errors import quote
 
 ACTIVE = ("queued", "scheduled", "deferred", "started")
 CANCEL_KEY = "cosod:cancel:{}"
@@ -98,9 +101,18 @@ def func_name(func: Callable[..., Any]) -> str:
     return f"{func.__module__}.{func.__qualname__}"
 
 
+# A job id: what RQ accepts (ASCII letters, digits, '_' and '-'), at most 200 characters. Both queues hold
+# to it, so a route can answer 404 for anything else without asking Redis.
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
+
+
+def is_job_id(value: object) -> bool:
+    return isinstance(value, str) and JOB_ID.fullmatch(value) is not None
+
+
 def check_enqueue_args(job_id: str, timeout: int, result_ttl: int, failure_ttl: int, retries: int) -> None:
-    if not job_id or not all(c.isalnum() or c in "-_.:" for c in job_id):
-        raise ValueError(f"job_id must be letters, digits, '-', '_', '.' or ':', got {job_id!r}")
+    if not is_job_id(job_id):
+        raise ValueError(f"job_id must be 1-200 ASCII letters, digits, '_' or '-', got {quote(job_id)}")
     for name, value in (("timeout", timeout), ("result_ttl", result_ttl), ("failure_ttl", failure_ttl)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")

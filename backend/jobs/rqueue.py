@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import JobCanceledError, JobQueueError, QueueUnavailableError
+from ..errors import JobCanceledError, JobQueueError, QueueUnavailableError, quote, redact_url
 from .protocol import (
     ACTIVE,
     AHEAD_KEY,
@@ -18,6 +18,7 @@ from .protocol import (
     JobInfo,
     check_enqueue_args,
     func_name,
+    is_job_id,
     iso_time,
 )
 
@@ -106,7 +107,10 @@ class RQQueue:
         self.queue = Queue(name, connection=self.connection)
 
     def _unavailable(self, exc: Exception) -> QueueUnavailableError:
-        return QueueUnavailableError(f"Redis at {self.url} is unreachable: {exc.__class__.__name__}: {exc}")
+        where = redact_url(self.url)
+        return QueueUnavailableError(
+            f"Redis at {where} is unreachable: {exc.__class__.__name__}: {redact_url(str(exc))}"
+        )
 
     def ping(self) -> str:
         import redis
@@ -220,17 +224,31 @@ class RQQueue:
             meta=meta,
         )
 
-    def fetch(self, job_id: str) -> JobInfo | None:
+    def _readable(self, job_id: str) -> Any:
+        """The RQ job ``job_id``, or None when there is none or its key does not hold a job RQ can read
+        (another program's key, a damaged hash: logged, never raised); raises QueueUnavailableError when
+        Redis is down."""
         import redis
         from rq.exceptions import NoSuchJobError
         from rq.job import Job
 
+        if not is_job_id(job_id):
+            return None
         try:
-            return self._info(Job.fetch(job_id, connection=self.connection))
+            job = Job.fetch(job_id, connection=self.connection)
+            self._info(job)
+            return job
         except NoSuchJobError:
             return None
-        except redis.RedisError as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(exc) from None
+        except (redis.ResponseError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.warning("rq:job:%s is not a readable job, skipped: %s", job_id, quote(str(exc)))
+            return None
+
+    def fetch(self, job_id: str) -> JobInfo | None:
+        job = self._readable(job_id)
+        return None if job is None else self._info(job)
 
     def list(self, project: int | None = None) -> list[JobInfo]:
         import redis
@@ -247,10 +265,14 @@ class RQQueue:
                 q.canceled_job_registry,
             ):
                 ids.extend(registry.get_job_ids())
-            jobs = Job.fetch_many(list(dict.fromkeys(ids)), connection=self.connection)
-        except redis.RedisError as exc:
+            unique = list(dict.fromkeys(ids))
+            jobs = Job.fetch_many(unique, connection=self.connection)
+            out = [self._info(j) for j in jobs if j is not None]
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self._unavailable(exc) from None
-        out = [self._info(j) for j in jobs if j is not None]
+        except (redis.ResponseError, ValueError, TypeError, KeyError, AttributeError):
+            # one unreadable key spoils the pipelined read: read them one by one, skipping those
+            out = [self._info(j) for j in map(self._readable, unique) if j is not None]
         out = [j for j in out if project is None or j.project == project]
         return sorted(out, key=lambda j: j.enqueued_at or "")
 
@@ -259,8 +281,10 @@ class RQQueue:
         from rq.exceptions import NoSuchJobError
         from rq.job import Job
 
+        job = self._readable(job_id)
+        if job is None:
+            return None
         try:
-            job = Job.fetch(job_id, connection=self.connection)
             status = _status(job)
             if status in ("queued", "scheduled", "deferred"):
                 job.meta["error"] = "canceled by request"

@@ -22,6 +22,22 @@ ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 DELETE_EVENTS = ("ANNOTATION_DELETED", "ANNOTATIONS_DELETED")
 TRAIN_EVENT = "START_TRAINING"
 LEARNING_EVENTS = (*ANNOTATION_EVENTS, *DELETE_EVENTS, TRAIN_EVENT)
+# Every action Label Studio 1.23 sends (webhooks/models.py WebhookAction, plus the training button's); the
+# metrics count others as "other", so a client cannot grow the label set.
+KNOWN_EVENTS = frozenset(
+    {
+        *LEARNING_EVENTS,
+        "ANNOTATIONS_CREATED",
+        "PROJECT_CREATED",
+        "PROJECT_UPDATED",
+        "PROJECT_DELETED",
+        "TASKS_CREATED",
+        "TASKS_DELETED",
+        "LABEL_LINK_CREATED",
+        "LABEL_LINK_UPDATED",
+        "LABEL_LINK_DELETED",
+    }
+)
 
 
 def changes_membership(event: str) -> bool:

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,7 +27,17 @@ import numpy as np
 
 from cosod.errors import ImageReadError
 
-from ..errors import BackendError, BadRequestError, ImageFetchError, ImageRefusedError, UnknownProjectError
+from ..errors import (
+    BackendError,
+    BadRequestError,
+    ImageFetchError,
+    ImageRefusedError,
+    JobQueueError,
+    TransientJobError,
+    UnknownProjectError,
+    brief,
+    quote,
+)
 from ..grouping import GroupKey, TaskRef, choose_subset, group_digest, group_key, members
 from ..labelstudio import regions as regions_lib
 from ..labelstudio.client import LabelStudioClient
@@ -140,7 +150,14 @@ class CoSODModel:
             raise BadRequestError(f"{event}: {exc}") from None
         info.update(stored=out.get("stored"), pending=out.get("pending"), reason=out.get("reason"))
         if out.get("enqueue") and isinstance(pid, int) and self.schedule_finetune is not None:
-            info["finetune_job"] = self.schedule_finetune(pid)
+            try:
+                info["finetune_job"] = self.schedule_finetune(pid)
+            except (JobQueueError, TransientJobError) as exc:
+                # the correction is committed; the next event (or START_TRAINING) enqueues it again
+                log.warning("project %s: fine-tune not enqueued: %s", pid, exc)
+                self.metrics.errors.labels(kind="queue_down").inc()
+                info["finetune_job"] = None
+                info["finetune_error"] = "not enqueued: the job queue is unreachable; the next event retries"
         log.info("webhook %s project=%s task=%s: %s", event, pid, tid, info)
         return info
 
@@ -159,38 +176,73 @@ class CoSODModel:
         """One item per task (``{result, score, model_version}``), and a list of per-task errors.
 
         A task whose image is not decodable gets ``result: []`` and its reason; a task whose image is
-        refused or cannot be fetched gets an item without ``result`` (Label Studio stores nothing for it
-        and logs the item), so that it is predicted again once the cause is fixed.
+        refused or cannot be fetched, a task of another project than the request's, and the tasks beyond
+        ``COSOD_MAX_PREDICT_TASKS`` get an item without ``result`` (Label Studio stores nothing for it and
+        logs the item), so that it is predicted again once the cause is fixed.
+
+        Memory stays bounded whatever the number of tasks: groups are computed one after the other, each
+        on at most ``COSOD_MAX_GROUP_IMAGES`` images at a time, and a group's masks become regions (RLE or
+        polygons) as soon as they are computed.
         """
         pipeline, version = self.serving(project)
         refs = [_task_ref(t, i) for i, t in enumerate(tasks)]
-        by_group: dict[GroupKey, list[TaskRef]] = {}
-        for ref in refs:
-            by_group.setdefault(group_key(ref.data, project.group_by), []).append(ref)
+        cap = self.settings.max_predict_tasks
         outcomes: dict[int, Outcome] = {}
+        by_group: dict[GroupKey, list[TaskRef]] = {}
+        taken = 0
+        for ref, owner in refs:
+            if owner is not None and owner != project.id:
+                outcomes[ref.id] = Outcome(
+                    error=f"task {ref.id} belongs to project {owner}, not to project {project.id} of "
+                    "this request: not read",
+                    kind="wrong_project",
+                )
+            elif taken >= cap:
+                outcomes[ref.id] = Outcome(
+                    error=f"not computed: the request has more than COSOD_MAX_PREDICT_TASKS={cap} tasks "
+                    "(pre-annotate large sets with POST /jobs/prelabel)",
+                    kind="over_cap",
+                )
+            else:
+                taken += 1
+                by_group.setdefault(group_key(ref.data, project.group_by), []).append(ref)
+        if len(refs) > taken:
+            log.warning("project %s: %d of %d tasks not computed", project.id, len(refs) - taken, len(refs))
+        done: dict[int, dict[str, Any]] = {}
         for key, asked in by_group.items():
-            outcomes.update(self._predict_group(project, key, asked, pipeline, version))
-        items: list[dict[str, Any]] = []
-        errors: list[dict[str, Any]] = []
-        for ref in refs:
-            out = outcomes[ref.id]
-            if out.error is not None:
-                errors.append({"task": ref.id, "kind": out.kind, "error": out.error})
-                self.metrics.errors.labels(kind=out.kind or "unknown").inc()
-                if out.kind == "image_unreadable":
-                    items.append({"result": [], "score": 0.0, "model_version": version, "error": out.error})
-                else:
-                    items.append({"model_version": version, "error": out.error})
-                continue
-            items.append(
-                {
-                    "result": self._regions(project.config, ref.id, out),
-                    "score": round(out.score, 4),
-                    "model_version": version,
-                }
-            )
+            for tid, out in self._predict_group(project, key, asked, pipeline, version):
+                done[tid] = self._item(project, tid, out, version)
+        for tid, out in outcomes.items():
+            done[tid] = self._item(project, tid, out, version)
+        items = [done[ref.id] for ref, _ in refs]
+        errors = [
+            {"task": ref.id, "kind": i["kind"], "error": i["error"]}
+            for (ref, _), i in zip(refs, items, strict=True)
+            if "error" in i
+        ]
+        for item in items:
+            item.pop("kind", None)
         self.metrics.predicted_tasks.inc(len(items))
         return items, errors
+
+    def _item(self, project: Project, task_id: int, out: Outcome, version: str) -> dict[str, Any]:
+        """The item Label Studio stores for a task (with ``kind`` and ``error`` when there is no mask)."""
+        if out.error is not None:
+            self.metrics.errors.labels(kind=out.kind or "unknown").inc()
+            if out.kind == "image_unreadable":
+                return {
+                    "result": [],
+                    "score": 0.0,
+                    "model_version": version,
+                    "error": out.error,
+                    "kind": out.kind,
+                }
+            return {"model_version": version, "error": out.error, "kind": out.kind}
+        return {
+            "result": self._regions(project.config, task_id, out),
+            "score": round(out.score, 4),
+            "model_version": version,
+        }
 
     # -- building blocks shared with the batch jobs (backend/jobs/) -----------------------------------
     def compute(self, tasks: list[TaskRef], image_key: str, pipeline: Any) -> dict[int, Outcome]:
@@ -215,9 +267,13 @@ class CoSODModel:
                 regions.extend(regions_lib.polygon_regions(out.mask, **names, score=out.score, rid=rid))
         return regions
 
-    def _members(self, project: Project, key: GroupKey, asked: list[TaskRef]) -> list[TaskRef]:
-        """The group's tasks: Label Studio's task list (cached) merged with the tasks of the request."""
-        listed: list[TaskRef] = []
+    def _members(
+        self, project: Project, key: GroupKey, asked: list[TaskRef]
+    ) -> tuple[list[TaskRef], set[int]]:
+        """The group's tasks: Label Studio's task list (cached) merged with the tasks of the request; and the
+        asked task ids Label Studio does not list in the project (never read: their images could be another
+        project's). Without Label Studio, or while it cannot be reached, the group is the request's tasks."""
+        listed: list[TaskRef] | None = None
         if self.ls.configured:
             try:
                 listed = self.ls.project_tasks(project.id)
@@ -231,43 +287,65 @@ class CoSODModel:
                 self.metrics.errors.labels(kind="label_studio").inc()
         else:
             log.debug("Label Studio is not configured: the group is the request's tasks")
-        by_id = {t.id: t for t in listed}
-        by_id.update({t.id: t for t in asked})
-        return members(by_id.values(), key)
+        by_id = {t.id: t for t in listed or []}
+        outsiders = {t.id for t in asked if t.id not in by_id} if listed is not None else set()
+        by_id.update({t.id: t for t in asked if t.id not in outsiders})
+        return members(by_id.values(), key), outsiders
 
     def _predict_group(
         self, project: Project, key: GroupKey, asked: list[TaskRef], pipeline: Any, version: str
-    ) -> dict[int, Outcome]:
-        group = self._members(project, key, asked)
-        digest = group_digest(key, group, project.config.image_key)
-        cache_key = (version, digest)
-        wanted = [t.id for t in asked]
-        found = self.cache.get(cache_key)
-        if all(i in found for i in wanted):
-            self.metrics.group_cache_hits.inc()
-            return {i: found[i] for i in wanted}
-        with self._compute_lock:  # one group computation at a time; a waiting twin finds the result cached
-            found = self.cache.get(cache_key)
-            if all(i in found for i in wanted):
-                self.metrics.group_cache_hits.inc()
-                return {i: found[i] for i in wanted}
+    ) -> Iterator[tuple[int, Outcome]]:
+        """``(task id, outcome)`` for each asked task, computed in parts of at most ``COSOD_MAX_GROUP_IMAGES``
+        images (the asked tasks of a part plus the group's references), each part cached as it is done."""
+        group, outsiders = self._members(project, key, asked)
+        for tid in outsiders:
+            yield (
+                tid,
+                Outcome(
+                    error=f"task {tid} is not a task of project {project.id} in Label Studio: not read",
+                    kind="wrong_project",
+                ),
+            )
+        cache_key = (version, group_digest(key, group, project.config.image_key))
+        by_id = {t.id: t for t in group}
+        wanted = list(dict.fromkeys(t.id for t in asked if t.id not in outsiders))
+        step = max(1, self.settings.max_group_images - self.settings.max_refs)
+        computed_any = False
+        for start in range(0, len(wanted), step):
+            part = wanted[start : start + step]
+            found = self.cache.get(cache_key, part)
+            if len(found) < len(part):
+                with self._compute_lock:  # one computation at a time; a waiting twin finds it cached
+                    found = self.cache.get(cache_key, part)
+                    missing = [i for i in part if i not in found]
+                    if missing:
+                        computed_any = True
+                        subset = choose_subset(
+                            list(by_id),
+                            missing,
+                            k=self.settings.max_refs,
+                            limit=self.settings.max_group_images,
+                        )
+                        computed = self._compute(
+                            [by_id[i] for i in subset], project.config.image_key, pipeline
+                        )
+                        log.info(
+                            "project %s group %s: %d members, %d computed, version %s",
+                            project.id,
+                            quote(key.value),
+                            len(group),
+                            len(subset),
+                            version,
+                        )
+                        self.cache.put(
+                            cache_key, {i: o for i, o in computed.items() if o.kind != "image_fetch"}
+                        )
+                        found.update({i: computed[i] for i in missing})
+            yield from ((i, found[i]) for i in part)
+        if computed_any:
             self.metrics.group_cache_misses.inc()
-            missing = [i for i in wanted if i not in found]
-            subset_ids = choose_subset(
-                [t.id for t in group], missing, k=self.settings.max_refs, limit=self.settings.max_group_images
-            )
-            by_id = {t.id: t for t in group}
-            computed = self._compute([by_id[i] for i in subset_ids], project.config.image_key, pipeline)
-            log.info(
-                "project %s group %s: %d members, %d computed, version %s",
-                project.id,
-                key,
-                len(group),
-                len(subset_ids),
-                version,
-            )
-            self.cache.put(cache_key, {i: o for i, o in computed.items() if o.kind != "image_fetch"})
-        return {i: computed.get(i) or found[i] for i in wanted}
+        else:
+            self.metrics.group_cache_hits.inc()
 
     def _compute(self, tasks: list[TaskRef], image_key: str, pipeline: Any) -> dict[int, Outcome]:
         t0 = time.perf_counter()
@@ -277,14 +355,11 @@ class CoSODModel:
             try:
                 return t, self.ls.read_image(t.data.get(image_key), t.id), None
             except ImageReadError as exc:
-                log.warning("task %s: image not decodable, empty result: %s", t.id, exc)
-                return t, None, Outcome(error=str(exc), kind="image_unreadable")
+                return t, None, _failed(t.id, "image_unreadable", "image not decodable, empty result", exc)
             except ImageRefusedError as exc:
-                log.warning("task %s: image refused: %s", t.id, exc)
-                return t, None, Outcome(error=str(exc), kind="image_refused")
+                return t, None, _failed(t.id, "image_refused", "image refused", exc)
             except (ImageFetchError, BackendError) as exc:
-                log.warning("task %s: image not fetched: %s", t.id, exc)
-                return t, None, Outcome(error=str(exc), kind="image_fetch")
+                return t, None, _failed(t.id, "image_fetch", "image not fetched", exc)
 
         with ThreadPoolExecutor(max_workers=min(8, max(1, len(tasks)))) as pool:
             loaded = list(pool.map(load, tasks))
@@ -310,10 +385,18 @@ class CoSODModel:
         return outcomes
 
 
-def _task_ref(task: Any, index: int) -> TaskRef:
+def _failed(task_id: int, kind: str, what: str, exc: Exception) -> Outcome:
+    message = brief(str(exc))
+    log.warning("task %s: %s: %s", task_id, what, message)
+    return Outcome(error=message, kind=kind)
+
+
+def _task_ref(task: Any, index: int) -> tuple[TaskRef, int | None]:
+    """A task of a /predict request and the project it says it belongs to (None when it does not say)."""
     if not isinstance(task, Mapping):
         raise BadRequestError(f"tasks[{index}] must be an object, got {type(task).__name__}")
     tid, data = parse_id(task.get("id"), f"tasks[{index}] 'id'"), task.get("data")
     if not isinstance(data, Mapping):
         raise BadRequestError(f"tasks[{index}] (id {tid}) needs a 'data' object, got {type(data).__name__}")
-    return TaskRef(tid, dict(data))
+    owner = task.get("project")
+    return TaskRef(tid, dict(data)), None if owner is None else parse_id(owner, f"tasks[{index}] 'project'")

@@ -20,7 +20,7 @@ from typing import Any
 
 from cosod.atomic import atomic_write
 
-from ..errors import BackendError, BadRequestError, UnknownProjectError
+from ..errors import BackendError, BadRequestError, UnknownProjectError, quote
 from ..labelstudio.labelconfig import LabelConfig, parse_label_config
 from ..settings import MODELS, Settings, parse_group_by
 
@@ -45,9 +45,9 @@ def parse_extra_params(value: Any) -> dict[str, Any]:
         try:
             value = json.loads(value)
         except ValueError:
-            raise BadRequestError(f"extra_params must be a JSON object, got {value!r}") from None
+            raise BadRequestError(f"extra_params must be a JSON object, got {quote(value)}") from None
     if not isinstance(value, dict):
-        raise BadRequestError(f"extra_params must be a JSON object, got {value!r}")
+        raise BadRequestError(f"extra_params must be a JSON object, got {quote(value)}")
     return value
 
 
@@ -96,10 +96,25 @@ class ProjectRegistry:
             raise BadRequestError(f"extra_params: {exc}") from None
         model = str(extra.get("model", self.settings.model_name))
         if model not in MODELS:
-            raise BadRequestError(f"extra_params: model must be one of {MODELS}, got {model!r}")
+            raise BadRequestError(f"extra_params: model must be one of {MODELS}, got {quote(model)}")
+        self._check_checkpoint(model)
         label = extra.get("label")
         config = parse_label_config(label_config, label=str(label) if label is not None else None)
         return Project(project_id, label_config, config, group_by, extra, model)
+
+    def _check_checkpoint(self, model: str) -> None:
+        """A model that cannot run without a checkpoint is refused (400 naming the variable to set) instead
+        of failing to load later (503)."""
+        from cosod.methods import METHODS
+
+        method = METHODS[model]
+        field_name = method.checkpoint_field
+        if method.checkpoint_required and field_name and not getattr(self.settings, field_name, None):
+            env = (Settings.env_names().get(field_name) or (field_name,))[0]
+            raise BadRequestError(
+                f"model {model!r} needs a trained checkpoint and {env} is not set: train one "
+                f"(cosod train --model {model}) and set {env} to its file, or choose another model"
+            )
 
     def _save(self, proj: Project) -> None:
         """Atomically write the project's config and extra params under MODEL_DIR, for the other workers."""

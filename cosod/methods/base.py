@@ -149,6 +149,7 @@ class Method(ABC):
         threshold: its own threshold mode, "group" (one per group, SCoSPARC code) or "map" (one per map).
         train_defaults: epochs, weight decay and Adam betas of from-scratch training.
         checkpoint_field: the ``PipelineConfig`` field that names its head checkpoint (None: it has none).
+        checkpoint_required: a pipeline cannot be built without that checkpoint (UMS: no untrained head).
         fills_uncorrected: fine-tuning gives the uncorrected training images the active model's masks as
             targets (UMS); False: they only enter the self-supervised term (SCoSPARC).
         finetune_reversed: fine-tuning walks each permutation of the groups from its end (SCoSPARC's
@@ -160,6 +161,7 @@ class Method(ABC):
     threshold: str = "group"
     train_defaults: TrainDefaults = TrainDefaults(epochs=100, weight_decay=0.0, betas=(0.9, 0.999))
     checkpoint_field: str | None = None
+    checkpoint_required: bool = False
     fills_uncorrected: bool = False
     finetune_reversed: bool = False
 

@@ -95,6 +95,7 @@ class UMS(Method):
     threshold = "map"
     train_defaults = TrainDefaults(epochs=100, weight_decay=0.0, betas=(0.9, 0.999))
     checkpoint_field = "ums_checkpoint"
+    checkpoint_required = True
     fills_uncorrected = True
     finetune_reversed = False
 
