@@ -5,6 +5,7 @@ nothing echoed at length, no secret shown, bounded labels and bounded work."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,3 +162,26 @@ def test_the_group_cache_is_bounded_in_bytes_and_round_trips_masks() -> None:
 @pytest.fixture
 def client(make_client):
     return make_client()
+
+
+def test_gunicorn_refuses_an_open_port_without_authentication(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from backend.api.gunicorn_conf import _open_binds
+
+    assert _open_binds(["0.0.0.0:9090", "[::]:9090", "10.1.2.3:80"]) == [
+        "0.0.0.0:9090",
+        "[::]:9090",
+        "10.1.2.3:80",
+    ]
+    assert _open_binds(["127.0.0.1:9090", "[::1]:9090", "localhost:9090", "unix:/tmp/s", "127.0.0.5:1"]) == []
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BASIC_AUTH_", "COSOD_ALLOW"))}
+    env.update(MODEL_DIR=str(tmp_path / "m"), PYTHONPATH=os.pathsep.join([str(repo), str(repo / "tests")]))
+    cmd = [sys.executable, "-m", "gunicorn", "-c", "python:backend.api.gunicorn_conf"]
+    cmd += ["--bind", "0.0.0.0:1", "metrics_app:create()"]  # refused before any socket is made
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "refusing to serve on 0.0.0.0:1 without authentication" in done.stdout + done.stderr

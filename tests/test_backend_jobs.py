@@ -114,6 +114,12 @@ def test_compose_file_has_every_service_and_a_gpu_worker() -> None:
         # uploads are read from Label Studio's media folder, mounted read-only
         assert f"{ls_data}:ro" in services[name]["volumes"]
         assert services[name]["environment"]["COSOD_LS_MEDIA_ROOT"] == "/label-studio/data/media"
+    # authentication is required: compose refuses to start without the pair, and rq-dashboard asks for it
+    env = services["backend"]["environment"]
+    assert env["BASIC_AUTH_USER"].startswith("${BASIC_AUTH_USER:?") and env["BASIC_AUTH_PASS"].startswith(
+        "${BASIC_AUTH_PASS:?"
+    )
+    assert services["rq-dashboard"]["environment"]["RQ_DASHBOARD_PASSWORD"].startswith("${BASIC_AUTH_PASS:?")
     dockerfile = (REPO / "Dockerfile").read_text()
     assert "ARG COSOD_FETCH_WEIGHTS" in dockerfile and "cosod weights fetch" in dockerfile
 
@@ -131,6 +137,10 @@ def test_docker_compose_config_validates() -> None:
     compose = _compose_command()
     if compose is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed")
-    env = {**os.environ, "LABEL_STUDIO_API_KEY": "test-token"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASIC_AUTH_")}
+    env["LABEL_STUDIO_API_KEY"] = "test-token"
+    run = subprocess.run([*compose, "config", "--quiet"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert run.returncode != 0 and "BASIC_AUTH_USER" in run.stderr, run.stderr  # no start without auth
+    env.update(BASIC_AUTH_USER="admin", BASIC_AUTH_PASS="test-pass")
     run = subprocess.run([*compose, "config", "--quiet"], cwd=REPO, capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr

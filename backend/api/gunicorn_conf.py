@@ -8,6 +8,10 @@ Makefile's ``run`` and the Dockerfile do); bind, workers, threads and timeout st
   and removes the directory when the server exits. When set, the directory is created if missing and the
   ``*.db`` files in it are deleted at start (stale values of an earlier run would be added to this one's);
   nothing else there is touched.
+- ``on_starting`` also refuses to serve without authentication on a non-loopback address: with no
+  ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS`` the bind must be 127.0.0.1, ::1 or localhost (``make run``'s
+  default), unless ``COSOD_ALLOW_NO_AUTH=1`` says that something in front of it authenticates. Anyone who
+  reaches an open port could store, delete and block corrections and cancel jobs.
 - ``child_exit``: a dead worker's live-gauge files are removed (``multiprocess.mark_process_dead``), so
   ``cosod_backbone_ready`` (mode ``livemin``) only counts live workers. Counters and histograms of dead
   workers stay: totals survive worker restarts.
@@ -37,8 +41,39 @@ def _multiproc_dir() -> str:
     return _os.environ[_ENV]
 
 
+_LOOPBACK = ("127.0.0.1", "::1", "[::1]", "localhost")
+
+
+def _open_binds(binds: list[str]) -> list[str]:
+    """The addresses of ``binds`` (gunicorn's ``host:port`` / ``unix:path`` list) that are not loopback."""
+    out = []
+    for bind in binds:
+        if bind.startswith(("unix:", "fd://")):
+            continue
+        host = bind.rsplit(":", 1)[0] if ":" in bind and not bind.endswith("]") else bind
+        if host not in _LOOPBACK and not host.startswith("127."):
+            out.append(bind)
+    return out
+
+
+def _refuse_open_port(server: _Any) -> None:
+    authenticated = bool(_os.environ.get("BASIC_AUTH_USER", "").strip())
+    allowed = _os.environ.get("COSOD_ALLOW_NO_AUTH", "").strip().lower() in ("1", "true", "yes")
+    exposed = _open_binds(list(server.cfg.bind))
+    if exposed and not authenticated and not allowed:
+        message = (
+            f"refusing to serve on {', '.join(exposed)} without authentication: set BASIC_AUTH_USER and "
+            "BASIC_AUTH_PASS (and the same pair in Label Studio's model connection), bind to 127.0.0.1, or "
+            "set COSOD_ALLOW_NO_AUTH=1 if a proxy in front authenticates"
+        )
+        server.log.error(message)
+        raise SystemExit(message)
+
+
 def on_starting(server: _Any) -> None:
-    """Once, in the master before the first fork: an empty multiprocess directory."""
+    """Once, in the master before the first fork: no open port without authentication, and an empty
+    multiprocess directory."""
+    _refuse_open_port(server)
     path = _multiproc_dir()
     _os.makedirs(path, exist_ok=True)
     stale = _glob.glob(_os.path.join(path, "*.db"))

@@ -43,6 +43,7 @@ from ..labelstudio import regions as regions_lib
 from ..labelstudio.client import LabelStudioClient
 from ..labelstudio.labelconfig import LabelConfig
 from ..labelstudio.protocol import LEARNING_EVENTS, changes_membership, parse_id
+from ..labelstudio.webhooks import WebhookAuthorizer, basic_authorization
 from ..learning.corrections import handle_event
 from ..learning.store import Store
 from ..learning.versions import Registry
@@ -77,6 +78,10 @@ class CoSODModel:
         self.store = Store(settings.model_dir)
         self.registry = Registry(self.store)
         self._compute_lock = threading.Lock()
+        user, password = settings.basic_auth_user, settings.basic_auth_pass
+        self.webhook_auth = WebhookAuthorizer(
+            ls, basic_authorization(user, password) if user and password else None
+        )
 
     # -- projects and versions ------------------------------------------------------------------------
     def model_version(self, project_id: int, pipeline: Any) -> str:
@@ -100,6 +105,7 @@ class CoSODModel:
         it waits at most 2 s for the background load, then answers NotReadyError."""
         project = self.project(project_id, schema, extra_params if extra_params is not None else {})
         self.ls.offer_token(access_token)
+        self.webhook_auth.ensure(project_id)
         return self.serving(project, timeout=2.0)[1]
 
     def versions(self, project_id: int | None = None) -> list[dict[str, Any]]:

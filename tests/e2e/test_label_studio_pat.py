@@ -1,4 +1,5 @@
-"""End to end with legacy tokens switched off: the backend uses a personal access token and basic auth.
+"""End to end with legacy tokens switched off: the backend uses a personal access token and basic auth, and
+gives the project's webhook its credentials itself (backend/labelstudio/webhooks.py).
 
 Also covers tasks without a ``group`` field: the whole project is then one group.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import requests
 from PIL import Image
 
 from backend.labelstudio.regions import rle_to_mask
+from backend.learning.store import Store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -103,6 +106,20 @@ def test_personal_access_token_with_legacy_tokens_off(
             # the images were read with the PAT (legacy is off) and the 3 ungrouped tasks formed one group
             assert metric(backend.url, "cosod_group_images_total", auth) == 3
             assert metric(backend.url, "cosod_group_cache_misses_total", auth) == 1
+
+            # the webhook Label Studio made for the model now sends the backend's basic auth, so a
+            # correction reaches /webhook and is stored (before: 401, dropped)
+            hooks = call(ls, bearer, "GET", f"/api/webhooks?project={project}")
+            (hook,) = [h for h in hooks if h["url"] == f"{backend.url}/webhook"]
+            assert hook["headers"]["Authorization"].startswith("Basic "), hook
+            task = preds[0]["task"]
+            result = preds[0]["result"]
+            call(ls, bearer, "POST", f"/api/tasks/{task}/annotations", json={"result": result})
+            store = Store(tmp_path / "backend" / "model")
+            deadline = time.monotonic() + 20
+            while store.count_corrections(project) == 0:
+                assert time.monotonic() < deadline, backend.log.read_text(errors="replace")[-2000:]
+                time.sleep(0.2)
             assert "Traceback" not in backend.log.read_text(errors="replace")
     finally:
         call(
