@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,17 +52,33 @@ def parse_extra_params(value: Any) -> dict[str, Any]:
     return value
 
 
+MAX_IN_MEMORY = 1024  # projects kept parsed in memory (LRU); the others are read again from MODEL_DIR
+
+
 class ProjectRegistry:
-    """Project id -> :class:`Project`, backed by one JSON file per project under ``MODEL_DIR``."""
+    """Project id -> :class:`Project`, backed by one JSON file per project under ``MODEL_DIR``; at most
+    :data:`MAX_IN_MEMORY` are kept parsed in memory, so memory does not grow with the number of projects."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._projects: dict[int, Project] = {}
+        self._projects: OrderedDict[int, Project] = OrderedDict()
         self._lock = threading.Lock()
 
     def ids(self) -> list[int]:
+        """Every project set up, in memory or on disk."""
+        on_disk = set()
+        for path in (Path(self.settings.model_dir) / "projects").glob("*.json"):
+            if path.stem.isascii() and path.stem.isdigit():
+                on_disk.add(int(path.stem))
         with self._lock:
-            return sorted(self._projects)
+            return sorted(on_disk | set(self._projects))
+
+    def _remember(self, proj: Project) -> None:
+        with self._lock:
+            self._projects[proj.id] = proj
+            self._projects.move_to_end(proj.id)
+            while len(self._projects) > MAX_IN_MEMORY:
+                self._projects.popitem(last=False)
 
     def _project_file(self, project_id: int) -> Path:
         return Path(self.settings.model_dir) / "projects" / f"{project_id}.json"
@@ -85,8 +102,7 @@ class ProjectRegistry:
             log.warning("ignoring the saved state of project %s (%s): %s", project_id, path, exc)
             return known
         proj.stamp = stamp
-        with self._lock:
-            self._projects[project_id] = proj
+        self._remember(proj)
         return proj
 
     def _make(self, project_id: int, label_config: str, extra: dict[str, Any]) -> Project:
@@ -150,6 +166,5 @@ class ProjectRegistry:
             return known
         proj = self._make(project_id, label_config, extra)
         self._save(proj)
-        with self._lock:
-            self._projects[project_id] = proj
+        self._remember(proj)
         return proj
