@@ -138,7 +138,9 @@ class LabelStudioClient:
                         httpx_client=http,
                     )
                 except Exception as exc:  # an expired PAT raises here
-                    raise LabelStudioError(f"cannot use LABEL_STUDIO_API_KEY: {exc}") from None
+                    raise LabelStudioError(
+                        f"cannot use LABEL_STUDIO_API_KEY: {quote(str(exc), 300)}"
+                    ) from None
                 self._sdk_token = token
             return self._sdk
 
@@ -161,7 +163,7 @@ class LabelStudioClient:
         except LabelStudioError:
             return {}
         except Exception as exc:  # token refresh failed
-            raise LabelStudioError(f"Label Studio refused the API key: {exc}") from None
+            raise LabelStudioError(f"Label Studio refused the API key: {quote(str(exc), 300)}") from None
         return {"Authorization": headers["Authorization"]} if "Authorization" in headers else {}
 
     # -- tasks ----------------------------------------------------------------------------------------
