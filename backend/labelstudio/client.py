@@ -23,12 +23,12 @@ from ..errors import (
     LabelStudioError,
     LabelStudioUnavailableError,
     UnknownProjectError,
+    quote,
 )
 from ..grouping import TaskRef
 from ..settings import Settings
 from .media import MediaReader
 from .readahead import ImagesAhead
-from .untrusted import quote
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,9 @@ def _sdk_error(exc: Exception, what: str, base_url: str | None, project_id: int 
     if isinstance(exc, (requests.RequestException, OSError)) or type(exc).__module__.startswith("httpx"):
         return LabelStudioUnavailableError(
             f"{what} failed: Label Studio at {base_url} is unreachable "
-            f"({exc.__class__.__name__}: {quote(str(exc), 300)})"
+            f"({exc.__class__.__name__}: {quote(str(exc))})"
         )
-    return LabelStudioError(f"{what} failed: {exc.__class__.__name__}: {quote(str(exc), 300)}")
+    return LabelStudioError(f"{what} failed: {exc.__class__.__name__}: {quote(str(exc))}")
 
 
 class LabelStudioClient:
@@ -138,9 +138,7 @@ class LabelStudioClient:
                         httpx_client=http,
                     )
                 except Exception as exc:  # an expired PAT raises here
-                    raise LabelStudioError(
-                        f"cannot use LABEL_STUDIO_API_KEY: {quote(str(exc), 300)}"
-                    ) from None
+                    raise LabelStudioError(f"cannot use LABEL_STUDIO_API_KEY: {quote(str(exc))}") from None
                 self._sdk_token = token
             return self._sdk
 
@@ -163,7 +161,7 @@ class LabelStudioClient:
         except LabelStudioError:
             return {}
         except Exception as exc:  # token refresh failed
-            raise LabelStudioError(f"Label Studio refused the API key: {quote(str(exc), 300)}") from None
+            raise LabelStudioError(f"Label Studio refused the API key: {quote(str(exc))}") from None
         return {"Authorization": headers["Authorization"]} if "Authorization" in headers else {}
 
     # -- tasks ----------------------------------------------------------------------------------------
@@ -196,7 +194,7 @@ class LabelStudioClient:
             ) from None
         except (requests.RequestException, OSError) as exc:
             raise LabelStudioUnavailableError(
-                f"cannot reach Label Studio at {self.settings.label_studio_url}: {quote(str(exc), 300)}"
+                f"cannot reach Label Studio at {self.settings.label_studio_url}: {quote(str(exc))}"
             ) from None
         except Exception as exc:  # httpx errors and the like
             raise _sdk_error(

@@ -19,8 +19,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from ..errors import LabelConfigError
-from .untrusted import quote
+from ..errors import LabelConfigError, quote
 
 SUPPORTED = ("brushlabels", "polygonlabels")
 EXAMPLE = (
@@ -111,7 +110,7 @@ def _at_most(count: int, cap: int, what: str) -> None:
 def _name(value: str, what: str) -> str:
     """``value`` when it is at most :data:`MAX_NAME_CHARS` characters long."""
     if len(value) > MAX_NAME_CHARS:
-        raise LabelConfigError(f"{what} {quote(value, 40)} is over the limit of {MAX_NAME_CHARS} characters")
+        raise LabelConfigError(f"{what} {quote(value)} is over the limit of {MAX_NAME_CHARS} characters")
     return value
 
 
@@ -144,7 +143,7 @@ def _control(el: ET.Element, images: dict[str, str], label: str | None) -> Contr
             f'<{el.tag} name={quote(name)}> has no <Label value="..."/>; add one, e.g. "Object"'
         )
     for value in labels:
-        _name(value, f"<{el.tag} name={quote(name, 40)}> label")
+        _name(value, f"<{el.tag} name={quote(name)}> label")
     if label is not None and label not in labels:
         raise LabelConfigError(
             f"label {quote(label)} (extra_params) is not one of {quote(labels)} in <{el.tag}>"

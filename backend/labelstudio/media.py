@@ -19,7 +19,7 @@ Only these are read:
 - ``http(s)://`` URLs whose origin (scheme, host, port) is the configured Label Studio's.
 
 Everything else (other hosts, ``file://``, absolute paths, ``data:`` URIs, references over
-:data:`~.untrusted.MAX_URL_CHARS` characters, lone surrogates, control characters, paths that only start like
+:data:`~.urls.MAX_URL_CHARS` characters, lone surrogates, control characters, paths that only start like
 a media path, such as ``/data/local-filesX/``) is refused with :class:`ImageRefusedError`. The byte limit is
 enforced while reading, the pixel limit from the header, both before decoding; decoding itself is
 ``cosod.imageio.decode_image``.
@@ -27,7 +27,7 @@ enforced while reading, the pixel limit from the header, both before decoding; d
 Credentials: Label Studio's token goes only to Label Studio's origin. A redirect to any other origin (a
 cloud host, or the same host on another port) is a new, bare request: no ``Authorization``, no cookie (no
 cookie jar is kept across requests at all). Messages quote the task's reference through
-:func:`~.untrusted.quote` and never show a path of this server nor a presigned URL (only its host).
+:func:`backend.errors.quote` and never show a path of this server nor a presigned URL (only its host).
 
 :func:`route` is the policy as a pure function of the reference and the settings (what to read, from where,
 or why not); :class:`MediaReader` carries it out with the limits.
@@ -57,16 +57,15 @@ from PIL import Image
 
 from cosod.imageio import decode_image
 
-from ..errors import ImageFetchError, ImageRefusedError
+from ..errors import ImageFetchError, ImageRefusedError, quote
 from ..settings import Settings
 from .readahead import ImagesAhead
-from .untrusted import quote, url_problem
+from .urls import DEFAULT_PORTS, host, origin, url_problem
 
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 3  # hops followed from Label Studio's presign endpoint (it answers one 303)
 ALLOWED = "only /data/upload/, /storage-data/uploaded/ and /data/local-files/ paths of Label Studio are read"
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class _OneHop(requests.Session):
@@ -149,28 +148,14 @@ def _media_kind(path: str) -> str | None:
     return None
 
 
-def _origin(url: str) -> tuple[str, str, int] | None:
-    """(scheme, host, port) of an http(s) URL, the default port filled in; None for anything else or a URL
-    with credentials in it."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return None
-    scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS or not parts.hostname or parts.username is not None:
-        return None
-    return scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[scheme]
-
-
 def _on_label_studio(url: str, settings: Settings) -> str:
     """The path (and query) of ``url`` on Label Studio: an absolute URL must have Label Studio's origin;
     anything else must be a path starting with ``/``."""
     parsed = urlsplit(url)
-    if parsed.scheme.lower() in _DEFAULT_PORTS:
-        if not settings.label_studio_url or _origin(url) != _origin(settings.label_studio_url):
+    if parsed.scheme.lower() in DEFAULT_PORTS:
+        if not settings.label_studio_url or origin(url) != origin(settings.label_studio_url):
             raise ImageRefusedError(
-                f"{quote(url)}: the host {quote(parsed.netloc)} is not allowed; task images are read only "
+                f"{quote(url)}: the host {quote(host(url))} is not allowed; task images are read only "
                 f"from Label Studio ({settings.label_studio_url or 'LABEL_STUDIO_URL is not set'}) "
                 "or its local-files root"
             )
@@ -333,11 +318,11 @@ class MediaReader:
             raise ImageFetchError(
                 f"{quote(shown)}: LABEL_STUDIO_URL is not set, so Label Studio media cannot be read"
             )
-        ls_origin = _origin(s.label_studio_url)
+        ls_origin = origin(s.label_studio_url)
         url = s.label_studio_url.rstrip("/") + "/" + path.lstrip("/")
         for hop in range(MAX_REDIRECTS + 1):
-            on_ls = hop == 0 or (ls_origin is not None and _origin(url) == ls_origin)
-            where = "Label Studio" if on_ls else f"the presigned host {quote(_host(url))}"
+            on_ls = hop == 0 or (ls_origin is not None and origin(url) == ls_origin)
+            where = "Label Studio" if on_ls else f"the presigned host {quote(host(url))}"
             try:
                 with (
                     _OneHop() as session,
@@ -354,7 +339,7 @@ class MediaReader:
                         if not follow_redirects:
                             raise ImageRefusedError(
                                 f"{quote(shown)}: {where} redirected (to the host "
-                                f"{quote(_host(location))}); redirects are not followed for Label Studio "
+                                f"{quote(host(location))}); redirects are not followed for Label Studio "
                                 "media"
                             )
                         url = _next_hop(url, location, shown)
@@ -407,11 +392,6 @@ class MediaReader:
             )
 
 
-def _host(url: str) -> str:
-    """The host[:port] of a URL, without any credentials in it."""
-    return urlsplit(url).netloc.rpartition("@")[2]
-
-
 def _next_hop(current: str, location: str, shown: str) -> str:
     """The URL a redirect leads to, checked like a first request: at most MAX_URL_CHARS characters, no
     control character, http(s), a host, no credentials in it. The message never shows the URL (a presigned
@@ -420,9 +400,9 @@ def _next_hop(current: str, location: str, shown: str) -> str:
     if problem:
         raise ImageRefusedError(f"{quote(shown)}: a redirect's Location is refused: {problem}")
     target = urljoin(current, location)
-    if _origin(target) is None:
+    if origin(target) is None:
         raise ImageRefusedError(
-            f"{quote(shown)}: a redirect to a {quote(urlsplit(target).scheme, 20)} URL is not followed; only "
+            f"{quote(shown)}: a redirect to a {quote(urlsplit(target).scheme)} URL is not followed; only "
             "http(s) URLs with a host, a valid port and no credentials in them are"
         )
     return target

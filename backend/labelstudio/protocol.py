@@ -16,8 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import BadRequestError
-from .untrusted import quote
+from ..errors import BadRequestError, quote
 
 MAX_ID_DIGITS = 18  # an id in a string: at most this many ASCII digits (fits a 64-bit integer)
 
@@ -52,7 +51,7 @@ def parse_id(value: Any, what: str) -> int:
     """A Label Studio id as an int >= 1, from what Label Studio and users send: ``12``, ``"12"``,
     ``"12.1795340308"`` (``<id>.<created timestamp>``, how ``/setup`` and ``/predict`` name a project), or an
     object with an ``"id"``. Anything else (a bool, a float, 0, a name) raises :class:`BadRequestError`
-    naming ``what`` and quoting the value (cut, see :func:`~.untrusted.quote`)."""
+    naming ``what`` and quoting the value (cut, see :func:`backend.errors.quote`)."""
     raw = value
     if isinstance(value, Mapping):
         value = value.get("id")

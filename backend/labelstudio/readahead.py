@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from .untrusted import quote
+from ..errors import brief, quote
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class ImagesAhead:
                 self.put(ref, read(ref, tid), project_id)
                 return True
             except Exception as exc:  # the real read reports it
-                log.debug("reading ahead %s (task %s) failed: %s", quote(ref), tid, quote(str(exc), 400))
+                log.debug("reading ahead %s (task %s) failed: %s", quote(ref), tid, brief(str(exc)))
                 return False
 
         if not todo:
