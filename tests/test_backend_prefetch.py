@@ -76,3 +76,14 @@ def test_concurrent_puts_and_takes_keep_the_byte_count(size: int) -> None:
         t.join()
     held = sum(len(store.take(f"{k}-{i}") or b"") for k in range(4) for i in range(5))
     assert store._size == 0 and held <= 1000
+
+
+def test_bytes_are_kept_per_project() -> None:
+    store = ImagesAhead()
+    store.put("s3://b/a.png", b"p3", 3)
+    assert not store.holds("s3://b/a.png") and not store.holds("s3://b/a.png", 4)
+    assert store.take("s3://b/a.png", 4) is None and store.take("s3://b/a.png") is None
+    assert store.take("s3://b/a.png", 3) == b"p3"
+    seen: list[tuple[str, int | None]] = []
+    assert store.fill([("x", 1)], lambda r, t: seen.append((r, t)) or b"x", 5) == 1
+    assert store.holds("x", 5) and not store.holds("x")

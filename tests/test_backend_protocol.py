@@ -32,6 +32,16 @@ def test_anything_else_is_a_400_naming_the_field_and_the_value(value: object) ->
     assert isinstance(info.value, ValueError) and info.value.status == 400
 
 
+@pytest.mark.parametrize(
+    "value", ["9" * 5000, "\u0661\u0662", "\u00b2", "1" * 19, "\ud800", {"id": "x" * 10**6}]
+)
+def test_hostile_ids_are_a_short_400_not_a_crash(value: object) -> None:
+    with pytest.raises(BadRequestError, match="must be a positive integer id") as info:
+        parse_id(value, "project")
+    assert len(str(info.value)) < 400
+    str(info.value).encode("utf-8")
+
+
 def test_one_list_of_learning_events_with_the_bulk_delete() -> None:
     assert "ANNOTATIONS_DELETED" in DELETE_EVENTS
     assert set(LEARNING_EVENTS) == {*ANNOTATION_EVENTS, *DELETE_EVENTS, TRAIN_EVENT}

@@ -4,11 +4,12 @@ task images (read under the policy of :mod:`backend.labelstudio.media`).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from ..errors import (
     LabelStudioError,
     LabelStudioUnavailableError,
     UnknownProjectError,
+    quote,
 )
 from ..grouping import TaskRef
 from ..settings import Settings
@@ -35,6 +37,7 @@ NO_SDK_RETRY: Any = {"max_retries": 0}  # the job functions retry Label Studio c
 
 IDS_PER_REQUEST = 200  # task ids per Data Manager list request (they travel in the URL's query)
 VERSIONS_TEXT_LIMIT = 500  # Label Studio cuts the predictions_model_versions column's text at 500 chars
+KNOWN_MEMBERS = 100_000  # (project, task) pairs remembered as confirmed; then the memory starts afresh
 
 
 @dataclass(frozen=True)
@@ -71,12 +74,13 @@ def _sdk_error(exc: Exception, what: str, base_url: str | None, project_id: int 
             return UnknownProjectError(f"Label Studio has no project {project_id}")
         if code >= 500 or code in (408, 429):
             return LabelStudioUnavailableError(f"{what} failed: Label Studio answered HTTP {code}")
-        return LabelStudioError(f"{what} failed: HTTP {code}: {str(exc.body)[:200]}")
+        return LabelStudioError(f"{what} failed: HTTP {code}: {quote(exc.body)}")
     if isinstance(exc, (requests.RequestException, OSError)) or type(exc).__module__.startswith("httpx"):
         return LabelStudioUnavailableError(
-            f"{what} failed: Label Studio at {base_url} is unreachable ({exc.__class__.__name__}: {exc})"
+            f"{what} failed: Label Studio at {base_url} is unreachable "
+            f"({exc.__class__.__name__}: {quote(str(exc))})"
         )
-    return LabelStudioError(f"{what} failed: {exc.__class__.__name__}: {exc}")
+    return LabelStudioError(f"{what} failed: {exc.__class__.__name__}: {quote(str(exc))}")
 
 
 class LabelStudioClient:
@@ -91,7 +95,8 @@ class LabelStudioClient:
         self._sdk_token: str | None = None
         self._tasks: dict[int, tuple[float, list[TaskRef]]] = {}
         self.ahead = ImagesAhead()  # bytes read ahead of use by the jobs (.readahead)
-        self.media = MediaReader(settings, self.auth_headers, self.ahead)
+        self.media = MediaReader(settings, self.auth_headers, self.ahead, self.task_in_project)
+        self._members: set[tuple[int, int]] = set()  # (project, task) pairs Label Studio confirmed
         self.list_calls = 0
 
     # -- auth -----------------------------------------------------------------------------------------
@@ -133,7 +138,7 @@ class LabelStudioClient:
                         httpx_client=http,
                     )
                 except Exception as exc:  # an expired PAT raises here
-                    raise LabelStudioError(f"cannot use LABEL_STUDIO_API_KEY: {exc}") from None
+                    raise LabelStudioError(f"cannot use LABEL_STUDIO_API_KEY: {quote(str(exc))}") from None
                 self._sdk_token = token
             return self._sdk
 
@@ -156,7 +161,7 @@ class LabelStudioClient:
         except LabelStudioError:
             return {}
         except Exception as exc:  # token refresh failed
-            raise LabelStudioError(f"Label Studio refused the API key: {exc}") from None
+            raise LabelStudioError(f"Label Studio refused the API key: {quote(str(exc))}") from None
         return {"Authorization": headers["Authorization"]} if "Authorization" in headers else {}
 
     # -- tasks ----------------------------------------------------------------------------------------
@@ -189,7 +194,7 @@ class LabelStudioClient:
             ) from None
         except (requests.RequestException, OSError) as exc:
             raise LabelStudioUnavailableError(
-                f"cannot reach Label Studio at {self.settings.label_studio_url}: {exc}"
+                f"cannot reach Label Studio at {self.settings.label_studio_url}: {quote(str(exc))}"
             ) from None
         except Exception as exc:  # httpx errors and the like
             raise _sdk_error(
@@ -233,24 +238,34 @@ class LabelStudioClient:
         ``predictions_model_versions`` column, which makes Label Studio compute that column. Label Studio
         cuts the column's text at ``VERSIONS_TEXT_LIMIT`` characters; a task whose text may have been cut,
         or a server that leaves the column out, gets ``versions=None`` (ask :meth:`task_has_prediction`)."""
-        ids = sorted({int(i) for i in task_ids})
         out: dict[int, TaskState] = {}
+        include = "id,data,predictions_model_versions"
+        for t in self._selected(project_id, task_ids, include, ["tasks:predictions_model_versions"]):
+            versions = parse_versions(getattr(t, "predictions_model_versions", None))
+            out[int(t.id)] = TaskState(TaskRef(int(t.id), dict(t.data or {})), versions)
+        return [out[i] for i in sorted(out)]
+
+    def _selected(
+        self, project_id: int, task_ids: Iterable[int], include: str, ordering: list[str] | None = None
+    ) -> list[Any]:
+        """The tasks among ``task_ids`` that Label Studio lists in the project (the Data Manager's list
+        restricted to the ids with ``selectedItems``, which it applies within the project): one request per
+        ``IDS_PER_REQUEST`` ids, only the fields in ``include``."""
+        ids = sorted({int(i) for i in task_ids})
+        out: list[Any] = []
         self.sdk()  # not configured: that LabelStudioError as it is
         for start in range(0, len(ids), IDS_PER_REQUEST):
             chunk = ids[start : start + IDS_PER_REQUEST]
-            query = json.dumps(
-                {
-                    "selectedItems": {"all": False, "included": chunk},
-                    "ordering": ["tasks:predictions_model_versions"],
-                }
-            )
+            selection: dict[str, Any] = {"selectedItems": {"all": False, "included": chunk}}
+            if ordering:
+                selection["ordering"] = ordering
             try:  # one page holds the chunk unless the server caps page sizes (TASK_API_PAGE_SIZE_MAX)
                 listed = self._list_tasks(
                     NO_SDK_RETRY,
                     project=project_id,
                     fields="task_only",
-                    include="id,data,predictions_model_versions",
-                    query=query,
+                    include=include,
+                    query=json.dumps(selection),
                     page_size=len(chunk),
                 )
             except Exception as exc:
@@ -261,11 +276,28 @@ class LabelStudioClient:
                     project_id,
                 ) from None
             wanted = set(chunk)
-            for t in listed:
-                if t.id is not None and int(t.id) in wanted:
-                    versions = parse_versions(getattr(t, "predictions_model_versions", None))
-                    out[int(t.id)] = TaskState(TaskRef(int(t.id), dict(t.data or {})), versions)
-        return [out[i] for i in sorted(out)]
+            out.extend(t for t in listed if t.id is not None and int(t.id) in wanted)
+        return out
+
+    def confirm_tasks(self, project_id: int, task_ids: Iterable[int]) -> frozenset[int]:
+        """The ids among ``task_ids`` that Label Studio lists in project ``project_id`` (one request per
+        ``IDS_PER_REQUEST`` ids not confirmed before; a task never moves to another project, so a
+        confirmation is remembered). Callers that read many cloud images may call it once for all of them
+        before the reads; :meth:`task_in_project` asks for one task."""
+        ids = {int(i) for i in task_ids}
+        with self._lock:
+            known = {i for i in ids if (project_id, i) in self._members}
+        found = {int(t.id) for t in self._selected(project_id, ids - known, "id")} if ids - known else set()
+        with self._lock:
+            if len(self._members) + len(found) > KNOWN_MEMBERS:
+                self._members.clear()
+            self._members.update((project_id, i) for i in found)
+        return frozenset(known | found)
+
+    def task_in_project(self, project_id: int, task_id: int) -> bool:
+        """Whether Label Studio lists task ``task_id`` in project ``project_id`` (asked before a cloud URI of
+        the task is presigned for a request of that project)."""
+        return int(task_id) in self.confirm_tasks(project_id, [task_id])
 
     def import_predictions(self, project_id: int, predictions: Sequence[Mapping[str, Any]]) -> int:
         """Store many predictions in one request (``projects.import_predictions``; each item has ``task``,
@@ -337,13 +369,24 @@ class LabelStudioClient:
             self._tasks.pop(project_id, None)
 
     # -- images (the read policy is backend.labelstudio.media) -----------------------------------------
-    def read_image(self, url: Any, task_id: int | None = None) -> np.ndarray:
-        """A task's image reference -> HxWx3 uint8 RGB (see :meth:`MediaReader.read_image`)."""
-        return self.media.read_image(url, task_id)
+    def read_image(
+        self, url: Any, task_id: int | None = None, *, project_id: int | None = None
+    ) -> np.ndarray:
+        """A task's image reference -> HxWx3 uint8 RGB (see :meth:`MediaReader.read_image`). ``project_id``
+        is the project of the request the read is for; a cloud URI is refused without it, and read only for
+        a task Label Studio lists in that project."""
+        return self.media.read_image(url, task_id, project_id=project_id)
 
-    def read_bytes(self, url: str, task_id: int | None = None) -> bytes:
-        """A task's image reference -> its bytes, under the read policy (:func:`~.media.route`)."""
-        return self.media.read_bytes(url, task_id)
+    def read_bytes(self, url: str, task_id: int | None = None, *, project_id: int | None = None) -> bytes:
+        """A task's image reference -> its bytes, under the read policy (:func:`~.media.route`);
+        ``project_id`` as for :meth:`read_image`."""
+        return self.media.read_bytes(url, task_id, project_id=project_id)
+
+    def read_ahead(self, refs: Iterable[tuple[str, int | None]], *, project_id: int | None = None) -> int:
+        """Read ``(reference, task id)`` pairs ahead of use for a request of ``project_id`` (kept for reads
+        with that same ``project_id``); see :meth:`ImagesAhead.fill`."""
+        read = functools.partial(self.read_bytes, project_id=project_id)
+        return self.ahead.fill(refs, read, project_id)
 
 
 __all__ = [

@@ -16,7 +16,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import BadRequestError
+from ..errors import BadRequestError, quote
+
+MAX_ID_DIGITS = 18  # an id in a string: at most this many ASCII digits (fits a 64-bit integer)
 
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 DELETE_EVENTS = ("ANNOTATION_DELETED", "ANNOTATIONS_DELETED")
@@ -49,13 +51,16 @@ def parse_id(value: Any, what: str) -> int:
     """A Label Studio id as an int >= 1, from what Label Studio and users send: ``12``, ``"12"``,
     ``"12.1795340308"`` (``<id>.<created timestamp>``, how ``/setup`` and ``/predict`` name a project), or an
     object with an ``"id"``. Anything else (a bool, a float, 0, a name) raises :class:`BadRequestError`
-    naming ``what`` and quoting the value."""
+    naming ``what`` and quoting the value (cut, see :func:`backend.errors.quote`)."""
     raw = value
     if isinstance(value, Mapping):
         value = value.get("id")
     if isinstance(value, str):
         head = value.strip().split(".", 1)[0]
-        value = int(head) if head.isdigit() else None
+        digits = head.isascii() and head.isdigit() and len(head) <= MAX_ID_DIGITS
+        value = int(head) if digits else None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadRequestError(f"{what} must be a positive integer id (or '<id>.<timestamp>'), got {raw!r}")
+        raise BadRequestError(
+            f"{what} must be a positive integer id (or '<id>.<timestamp>'), got {quote(raw)}"
+        )
     return value
