@@ -164,12 +164,15 @@ def client(make_client):
     return make_client()
 
 
-def test_gunicorn_refuses_an_open_port_without_authentication(tmp_path) -> None:
+def test_gunicorn_refuses_an_open_port_without_authentication(tmp_path, monkeypatch) -> None:
+    import importlib
     import os
     import subprocess
     import sys
 
-    from backend.api.gunicorn_conf import _open_binds
+    # importing the config file sets PROMETHEUS_MULTIPROC_DIR when unset: keep that out of this process
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "prom"))
+    _open_binds = importlib.import_module("backend.api.gunicorn_conf")._open_binds
 
     assert _open_binds(["0.0.0.0:9090", "[::]:9090", "10.1.2.3:80"]) == [
         "0.0.0.0:9090",

@@ -38,7 +38,9 @@ def finetune(project_id: int) -> dict[str, Any]:
             base_pipeline=base,
             base_version=base_version,
             read_image=lambda url, task_id: retrying(
-                ctx, f"reading the image of task {task_id}", lambda: ctx.ls.read_image(url, task_id)
+                ctx,
+                f"reading the image of task {task_id}",
+                lambda: ctx.ls.read_image(url, task_id, project_id=project_id),
             ),
             list_group_tasks=lambda pid: retrying(
                 ctx, f"listing the tasks of project {pid}", lambda: ctx.ls.project_tasks(pid, refresh=True)

@@ -110,7 +110,7 @@ def _prelabel_group(
         ahead: Callable[[], None] | None = None
         if s.read_ahead:  # while this chunk computes: the next chunk's images, or the next job's
             nxt = [by_id[i] for i in plan[n + 1][1]] if n + 1 < len(plan) else None
-            ahead = partial(_read_ahead, ctx, nxt, project.config.image_key)
+            ahead = partial(_read_ahead, ctx, nxt, project.config.image_key, project.id)
         timed = _Timed(pipeline, on_start=ahead)
         t0 = time.perf_counter()
         outcomes = _compute(ctx, [by_id[i] for i in subset], project, timed)
@@ -302,7 +302,7 @@ def _compute(ctx: JobContext, tasks: list[TaskRef], project: Project, pipeline: 
     """Compute a chunk; when images could not be fetched because Label Studio is down, retry the chunk."""
 
     def attempt() -> dict[int, Any]:
-        outcomes = ctx.model.compute(tasks, project.config.image_key, pipeline)
+        outcomes = ctx.model.compute(tasks, project.config.image_key, pipeline, project.id)
         if any(o.kind == "image_fetch" for o in outcomes.values()):
             ctx.ls.ping()  # LabelStudioUnavailableError (retried) when Label Studio is the cause
         return outcomes
@@ -310,21 +310,21 @@ def _compute(ctx: JobContext, tasks: list[TaskRef], project: Project, pipeline: 
     return retrying(ctx, f"computing {len(tasks)} images of project {project.id}", attempt)
 
 
-def _fill_ahead(ctx: JobContext, tasks: Sequence[TaskRef], image_key: str) -> int:
+def _fill_ahead(ctx: JobContext, tasks: Sequence[TaskRef], image_key: str, project_id: int) -> int:
     refs: list[tuple[str, int | None]] = [
         (url, t.id) for t in tasks if isinstance(url := t.data.get(image_key), str)
     ]
-    return ctx.ls.ahead.fill(refs, ctx.ls.read_bytes)
+    return ctx.ls.read_ahead(refs, project_id=project_id)
 
 
-def _read_ahead(ctx: JobContext, tasks: Sequence[TaskRef] | None, image_key: str) -> None:
+def _read_ahead(ctx: JobContext, tasks: Sequence[TaskRef] | None, image_key: str, project_id: int) -> None:
     """Read the images of ``tasks`` into the client's read-ahead store (in a daemon thread); ``None``: those
     of the next queued group job (:func:`_read_ahead_next_job`)."""
     if tasks is None:
         _read_ahead_next_job(ctx)
         return
     threading.Thread(
-        target=_fill_ahead, args=(ctx, tasks, image_key), name="cosod-ahead", daemon=True
+        target=_fill_ahead, args=(ctx, tasks, image_key, project_id), name="cosod-ahead", daemon=True
     ).start()
 
 
@@ -345,7 +345,9 @@ def _read_ahead_next_job(ctx: JobContext) -> None:
             first = set(plan[0][1]) if plan else set()
             tasks = [st.task for st in states if st.task.id in first]
             log.debug(
-                "read %d images of job %s ahead", _fill_ahead(ctx, tasks, project.config.image_key), nxt[0]
+                "read %d images of job %s ahead",
+                _fill_ahead(ctx, tasks, project.config.image_key, project_id),
+                nxt[0],
             )
         except Exception as exc:
             log.debug("reading the next job's images ahead failed: %s", exc)

@@ -251,9 +251,12 @@ class CoSODModel:
         }
 
     # -- building blocks shared with the batch jobs (backend/jobs/) -----------------------------------
-    def compute(self, tasks: list[TaskRef], image_key: str, pipeline: Any) -> dict[int, Outcome]:
-        """Fetch the tasks' images and run one ``predict_group`` on them: task id -> :class:`Outcome`."""
-        return self._compute(tasks, image_key, pipeline)
+    def compute(
+        self, tasks: list[TaskRef], image_key: str, pipeline: Any, project_id: int
+    ) -> dict[int, Outcome]:
+        """Fetch the images of ``tasks`` (of project ``project_id``: a cloud image is read only for a task
+        Label Studio lists there) and run one ``predict_group`` on them: task id -> :class:`Outcome`."""
+        return self._compute(tasks, image_key, pipeline, project_id)
 
     def regions(self, config: LabelConfig, task_id: int, out: Outcome) -> list[dict[str, Any]]:
         """The ``result`` list Label Studio stores for a task's mask (empty when the mask is empty)."""
@@ -333,7 +336,7 @@ class CoSODModel:
                             limit=self.settings.max_group_images,
                         )
                         computed = self._compute(
-                            [by_id[i] for i in subset], project.config.image_key, pipeline
+                            [by_id[i] for i in subset], project.config.image_key, pipeline, project.id
                         )
                         log.info(
                             "project %s group %s: %d members, %d computed, version %s",
@@ -353,13 +356,15 @@ class CoSODModel:
         else:
             self.metrics.group_cache_hits.inc()
 
-    def _compute(self, tasks: list[TaskRef], image_key: str, pipeline: Any) -> dict[int, Outcome]:
+    def _compute(
+        self, tasks: list[TaskRef], image_key: str, pipeline: Any, project_id: int
+    ) -> dict[int, Outcome]:
         t0 = time.perf_counter()
         outcomes: dict[int, Outcome] = {}
 
         def load(t: TaskRef) -> tuple[TaskRef, np.ndarray | None, Outcome | None]:
             try:
-                return t, self.ls.read_image(t.data.get(image_key), t.id), None
+                return t, self.ls.read_image(t.data.get(image_key), t.id, project_id=project_id), None
             except ImageReadError as exc:
                 return t, None, _failed(t.id, "image_unreadable", "image not decodable, empty result", exc)
             except ImageRefusedError as exc:
