@@ -85,11 +85,11 @@ def measure(backbone: str, n: int, size: tuple[int, int]) -> dict[str, float]:
             raise SystemExit(f"the pipeline did not load: {app.extensions['cosod']['loader'].error}")
         load = time.perf_counter() - t0
         client = app.test_client()
-        client.post("/setup", json={"project": "1.1", "schema": CONFIG})
+        client.post("/setup", json={"project": "1.1795340308", "schema": CONFIG})
 
         def predict(task: dict) -> float:
             t = time.perf_counter()
-            r = client.post("/predict", json={"tasks": [task], "project": "1.1", "label_config": CONFIG})
+            r = client.post("/predict", json={"tasks": [task], "project": "1.1795340308", "label_config": CONFIG})
             assert r.status_code == 200 and "result" in r.get_json()["results"][0], r.get_json()
             return time.perf_counter() - t
 
