@@ -416,6 +416,7 @@ def test_internal_failure_is_json_without_traceback(make_client, fake_ls) -> Non
 
 # -- /webhook, /versions, /metrics, auth --------------------------------------------------------------
 def test_webhook_is_fast_and_counts_events(client) -> None:
+    assert setup(client).status_code == 200  # corrections are stored only for a project set up
     payload = {
         "action": "ANNOTATION_CREATED",
         "annotation": {"id": 1, "result": []},
@@ -434,6 +435,7 @@ def test_webhook_is_fast_and_counts_events(client) -> None:
 
 
 def test_a_bulk_delete_is_handled_and_answered_ok(client) -> None:
+    assert setup(client).status_code == 200
     created = {
         "action": "ANNOTATION_CREATED",
         "annotation": {"id": 3, "result": []},
