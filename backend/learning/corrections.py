@@ -74,9 +74,8 @@ MAX_DECODED_IMAGES = 8  # the brush regions of one annotation decode at most thi
 MAX_URL_CHARS = 8192  # the task's image reference (a presigned URL is ~1-2 KB; a data: URI is refused)
 MAX_GROUP_CHARS = 4096  # the stored group key (the task's group field)
 MAX_TIME_CHARS = 64  # the annotation's updated_at
-PROJECTS_DIR = (
-    "projects"  # MODEL_DIR/projects/<id>.json: a project's /setup state (backend.prediction.projects)
-)
+# MODEL_DIR/projects/<id>.json holds a project's /setup state (written by backend.prediction.projects)
+PROJECTS_DIR = "projects"
 
 
 def encode_group_key(key: GroupKey) -> str:
@@ -292,7 +291,8 @@ def handle_event(
         return out
     pid = parse_id(project_obj, "project")
     out["project"] = pid
-    if action in LEARNING_EVENTS and not (known or (lambda p: project_is_set_up(store, p)))(pid):
+    is_known = known or (lambda p: project_is_set_up(store, p))
+    if action in LEARNING_EVENTS and not is_known(pid):
         raise UnknownProjectError(
             f"project {pid} is not set up on this backend (no /setup was received for it and nothing is "
             "stored for it): connect the model to the project in Label Studio (Settings > Model), "
