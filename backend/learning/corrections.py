@@ -51,7 +51,7 @@ import numpy as np
 
 from cosod.imageio import DEFAULT_MAX_PIXELS
 
-from ..errors import BadRequestError, CorrectionRefusedError, UnknownProjectError
+from ..errors import BadRequestError, CorrectionRefusedError, UnknownProjectError, quote
 from ..grouping import GroupKey, group_key
 from ..labelstudio.protocol import (
     ANNOTATION_EVENTS,
@@ -59,7 +59,6 @@ from ..labelstudio.protocol import (
     LEARNING_EVENTS,
     TRAIN_EVENT,
     parse_id,
-    quote,
 )
 from ..labelstudio.regions import rle_header, rle_to_mask_fast
 from .store import Store, ls_time
@@ -131,8 +130,7 @@ def _size_of(k: int, region: Mapping[str, Any]) -> tuple[int, int] | None:
     for v in (h, w):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise BadRequestError(
-                f"region {k}: original_height/original_width must be positive ints, got {quote(h, 40)}/"
-                f"{quote(w, 40)}"
+                f"region {k}: original_height/original_width must be positive ints, got {quote(h)}/{quote(w)}"
             )
     assert isinstance(h, int) and isinstance(w, int)
     return h, w
@@ -213,13 +211,13 @@ def _image_url(data: Mapping[str, Any], image_key: str | None) -> str:
         ]
         if not found:
             raise BadRequestError(
-                f"task data has no image reference under {quote(image_key, 40)}: keys {quote(sorted(data))}"
+                f"task data has no image reference under {quote(image_key)}: keys {quote(sorted(data))}"
             )
         url = found[0]
     if len(url) > MAX_URL_CHARS:
         raise CorrectionRefusedError(
             f"the task's image reference is {len(url)} characters, over the limit of {MAX_URL_CHARS}: "
-            f"{quote(url, 60)}"
+            f"{quote(url)}"
         )
     return url
 
@@ -361,7 +359,7 @@ def _store_annotation(
         _check_same("project", task.get("project"), pid, "task.project")
     updated = annotation.get("updated_at") or annotation.get("created_at") or ""
     if not isinstance(updated, str) or len(updated) > MAX_TIME_CHARS:
-        raise BadRequestError(f"annotation.updated_at must be an ISO 8601 time, got {quote(updated, 60)}")
+        raise BadRequestError(f"annotation.updated_at must be an ISO 8601 time, got {quote(updated)}")
     if annotation.get("was_cancelled"):
         event_time = ls_time(updated)
         removed = store.delete_correction(pid, aid, cutoff=time.time() if event_time is None else event_time)
@@ -378,8 +376,7 @@ def _store_annotation(
     gkey = encode_group_key(group_key(data, group_by))
     if len(gkey) > MAX_GROUP_CHARS:
         raise CorrectionRefusedError(
-            f"the task's group is {len(gkey)} characters, over the limit of {MAX_GROUP_CHARS}: "
-            f"{quote(gkey, 60)}"
+            f"the task's group is {len(gkey)} characters, over the limit of {MAX_GROUP_CHARS}: {quote(gkey)}"
         )
     return store.put_correction(
         project=pid,
