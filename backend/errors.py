@@ -161,3 +161,15 @@ class PermanentJobError(RuntimeError):
 
 class GPUClaimError(RuntimeError):
     """No GPU could be chosen; the message says why and what to change."""
+
+
+# -- corrections (issue 13) ----------------------------------------------------------------------------
+
+
+class CorrectionRefusedError(BadRequestError):
+    """A webhook's correction this backend will not store, though the event is well formed: a brush region
+    over the pixel limit, an RLE whose header disagrees with its region, regions that disagree on the image
+    size, a task of another project, more ids than one event may carry. The message names the rule and the
+    limit; nothing was stored."""
+
+    status = 422

@@ -20,6 +20,8 @@ Environment variables (primary name, then aliases) -> field, default:
 - COSOD_CRF_WORKERS -> crf_workers, unset: processes for a group's dense CRFs, the CPUs (at most 8); 1 runs
   them in the serving process. The masks are the same whatever the number.
 - COSOD_MAX_IMAGE_BYTES / COSOD_MAX_IMAGE_PIXELS -> image limits, 64 MiB / 50 Mpx
+  (the pixel limit also bounds a stored correction: a brush region's original_width x original_height,
+  checked before its RLE is decoded, and each stored mask before a fine-tune reads it)
 - COSOD_MAX_BODY_BYTES -> max_body_bytes, 16 MiB: a larger request body is answered 413 before it is read
   (JSON nested deeper than Python's parser allows is answered 400)
 - COSOD_MAX_PREDICT_TASKS -> max_predict_tasks, 256: the tasks one /predict computes; those beyond it get a

@@ -31,6 +31,7 @@ from backend.settings import Settings
 from cosod.data import synthetic_group
 
 CONFIG = (Path(__file__).resolve().parent.parent / "label_config" / "brush_grouped.xml").read_text()
+PROJECT = "1.1795340308"  # how Label Studio names project 1: "<id>.<created timestamp>"
 
 
 def fake_label_studio(n: int, size: tuple[int, int]) -> tuple[ThreadingHTTPServer, list[dict]]:
@@ -85,11 +86,11 @@ def measure(backbone: str, n: int, size: tuple[int, int]) -> dict[str, float]:
             raise SystemExit(f"the pipeline did not load: {app.extensions['cosod']['loader'].error}")
         load = time.perf_counter() - t0
         client = app.test_client()
-        client.post("/setup", json={"project": "1.1", "schema": CONFIG})
+        client.post("/setup", json={"project": PROJECT, "schema": CONFIG})
 
         def predict(task: dict) -> float:
             t = time.perf_counter()
-            r = client.post("/predict", json={"tasks": [task], "project": "1.1", "label_config": CONFIG})
+            r = client.post("/predict", json={"tasks": [task], "project": PROJECT, "label_config": CONFIG})
             assert r.status_code == 200 and "result" in r.get_json()["results"][0], r.get_json()
             return time.perf_counter() - t
 

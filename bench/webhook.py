@@ -18,6 +18,13 @@ import numpy as np
 from backend.labelstudio.regions import brush_region
 from backend.learning.corrections import handle_event
 from backend.learning.store import Store
+from backend.prediction.projects import ProjectRegistry
+from backend.settings import Settings
+
+CONFIG = (
+    '<View><Image name="image" value="$img"/><BrushLabels name="tag" toName="image">'
+    '<Label value="Object"/></BrushLabels></View>'
+)
 
 
 def payload(k: int, mask: np.ndarray) -> dict[str, object]:
@@ -43,6 +50,7 @@ def main() -> None:
         m |= rng.random((480, 640)) < 0.002  # a few brush specks
         payloads.append(payload(k, m))
     with tempfile.TemporaryDirectory() as tmp:
+        ProjectRegistry(Settings(model_dir=tmp)).get(12, CONFIG, {})  # as /setup does: the project is known
         store = Store(tmp)
         times = []
         for body in payloads:

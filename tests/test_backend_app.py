@@ -218,10 +218,14 @@ def test_setup_version_is_stable_and_per_project(client, make_client, spy) -> No
     [
         ({"schema": BRUSH}, 400, "needs 'project'"),
         ({"project": "abc", "schema": BRUSH}, 400, "'project' must be a positive integer id"),
-        ({"project": "12.1", "schema": RECT}, 400, "no BrushLabels or PolygonLabels.*<BrushLabels"),
-        ({"project": "12.1", "schema": BRUSH, "extra_params": {"group_by": "folder"}}, 400, "group_by"),
-        ({"project": "12.1", "schema": BRUSH, "extra_params": "not json"}, 400, "extra_params"),
-        ({"project": "12.1", "schema": 5}, 400, "schema"),
+        ({"project": "12.1795340308", "schema": RECT}, 400, "no BrushLabels or PolygonLabels.*<BrushLabels"),
+        (
+            {"project": "12.1795340308", "schema": BRUSH, "extra_params": {"group_by": "folder"}},
+            400,
+            "group_by",
+        ),
+        ({"project": "12.1795340308", "schema": BRUSH, "extra_params": "not json"}, 400, "extra_params"),
+        ({"project": "12.1795340308", "schema": 5}, 400, "schema"),
     ],
 )
 def test_setup_bad_input(client, body: dict, status: int, message: str) -> None:
@@ -365,19 +369,23 @@ def test_refused_and_oversized_images(make_client, fake_ls) -> None:
 @pytest.mark.parametrize(
     ("body", "status", "message"),
     [
-        ({"project": "12.1"}, 400, "needs 'tasks'"),
-        ({"tasks": [], "project": "12.1"}, 400, "needs 'tasks'"),
-        ({"tasks": "x", "project": "12.1"}, 400, "needs 'tasks'"),
+        ({"project": "12.1795340308"}, 400, "needs 'tasks'"),
+        ({"tasks": [], "project": "12.1795340308"}, 400, "needs 'tasks'"),
+        ({"tasks": "x", "project": "12.1795340308"}, 400, "needs 'tasks'"),
         ({"tasks": [{"data": {}}]}, 400, "needs 'project'"),
-        ({"tasks": [{"id": 1}], "project": "12.1", "label_config": BRUSH}, 400, "'data' object"),
+        ({"tasks": [{"id": 1}], "project": "12.1795340308", "label_config": BRUSH}, 400, "'data' object"),
         (
-            {"tasks": [{"id": "x", "data": {}}], "project": "12.1", "label_config": BRUSH},
+            {"tasks": [{"id": "x", "data": {}}], "project": "12.1795340308", "label_config": BRUSH},
             400,
             "'id' must be a positive integer id",
         ),
-        ({"tasks": [5], "project": "12.1", "label_config": BRUSH}, 400, "must be an object"),
-        ({"tasks": [{"id": 1, "data": {}}], "project": "12.1", "label_config": RECT}, 400, "<BrushLabels"),
-        ({"tasks": [{"id": 1, "data": {}}], "project": "77.1"}, 404, "unknown project 77"),
+        ({"tasks": [5], "project": "12.1795340308", "label_config": BRUSH}, 400, "must be an object"),
+        (
+            {"tasks": [{"id": 1, "data": {}}], "project": "12.1795340308", "label_config": RECT},
+            400,
+            "<BrushLabels",
+        ),
+        ({"tasks": [{"id": 1, "data": {}}], "project": "77.1795340308"}, 404, "unknown project 77"),
     ],
 )
 def test_predict_bad_input(client, body: dict, status: int, message: str) -> None:
@@ -408,6 +416,7 @@ def test_internal_failure_is_json_without_traceback(make_client, fake_ls) -> Non
 
 # -- /webhook, /versions, /metrics, auth --------------------------------------------------------------
 def test_webhook_is_fast_and_counts_events(client) -> None:
+    assert setup(client).status_code == 200  # corrections are stored only for a project set up
     payload = {
         "action": "ANNOTATION_CREATED",
         "annotation": {"id": 1, "result": []},
@@ -426,6 +435,7 @@ def test_webhook_is_fast_and_counts_events(client) -> None:
 
 
 def test_a_bulk_delete_is_handled_and_answered_ok(client) -> None:
+    assert setup(client).status_code == 200
     created = {
         "action": "ANNOTATION_CREATED",
         "annotation": {"id": 3, "result": []},

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hostile_input import zero_rle
 from redis_db import flushed, url
 
 from backend.api.app import create_app
@@ -46,9 +47,23 @@ def fake_pipeline(settings):
     return SimpleNamespace(config=SimpleNamespace(model=settings.model_name), version_id="fixed")
 
 
+CONFIG = (
+    '<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
+    '<Label value="Object"/></BrushLabels></View>'
+)
+
+
+def set_up(client, *projects: int) -> None:
+    """``/setup`` as Label Studio calls it when the model is connected: webhooks of other projects are 404."""
+    for pid in projects:
+        r = client.post("/setup", json={"project": f"{pid}.1795340308", "schema": CONFIG})
+        assert r.status_code == 200, r.get_json()
+
+
 def test_a_burst_of_200_webhooks_is_stored_and_enqueues_one_finetune_per_project(tmp_path, redis_url):
     settings = Settings(model_dir=str(tmp_path), redis_url=redis_url, train_every=10)
     app = create_app(settings, pipeline_factory=fake_pipeline)
+    set_up(app.test_client(), 1, 2)
     rng = np.random.default_rng(0)
     events = [annotation_event(1 + i % 2, 100 + i, 1000 + i, rng) for i in range(200)]
     durations: list[float] = []
@@ -86,6 +101,7 @@ def test_a_burst_of_200_webhooks_is_stored_and_enqueues_one_finetune_per_project
 def test_redelivery_update_and_delete_through_the_webhook(tmp_path):
     app = create_app(Settings(model_dir=str(tmp_path), train_every=1000), pipeline_factory=fake_pipeline)
     client = app.test_client()
+    set_up(client, 7)
     ev = annotation_event(7, 70, 700, np.random.default_rng(1))
     assert client.post("/webhook", json=ev).get_json()["stored"] == "inserted"
     assert client.post("/webhook", json=ev).get_json()["stored"] == "unchanged"  # re-delivered
@@ -108,9 +124,48 @@ def test_versions_and_metrics_list_registered_versions_with_scores(tmp_path):
         '<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
         '<Label value="Object"/></BrushLabels></View>'
     )
-    base = client.post("/setup", json={"project": "3.1", "schema": config}).get_json()["model_version"]
+    setup = client.post("/setup", json={"project": "3.1795340308", "schema": config})
+    base = setup.get_json()["model_version"]
     assert base.startswith("scosparc-p3-")
     registry = Registry(Store(tmp_path))
     assert registry.list_versions(3) == []
     body = client.get("/versions?project=3").get_json()
     assert body["versions"] == [base] and body["projects"][0]["active"] == base
+
+
+def test_hostile_webhooks_get_a_json_4xx_and_store_nothing(tmp_path):
+    """Issue 13 through the route Label Studio calls: nothing here is a 500, nothing is stored."""
+    app = create_app(Settings(model_dir=str(tmp_path), train_every=1000), pipeline_factory=fake_pipeline)
+    client = app.test_client()
+    set_up(client, 7)
+    rng = np.random.default_rng(3)
+
+    def post(ev):
+        r = client.post("/webhook", json=ev)
+        return r.status_code, r.get_json()
+
+    huge = annotation_event(7, 70, 700, rng)
+    region = huge["annotation"]["result"][0]
+    region.update(original_width=16384, original_height=16384)
+    region["value"]["rle"] = zero_rle(4 * 16384 * 16384)
+    status, body = post(huge)
+    assert 400 <= status < 500 and "16384x16384" in body["error"] and "50000000" in body["error"], body
+    too_big_id = annotation_event(7, 70, 2**63, rng)
+    status, body = post(too_big_id)
+    assert status == 400 and "below 2**63" in body["error"], body
+    other_project = annotation_event(7, 70, 700, rng)
+    other_project["task"]["project"] = 8
+    status, body = post(other_project)
+    assert 400 <= status < 500 and "task.project is 8" in body["error"], body
+    status, body = post(annotation_event(9, 90, 900, rng))  # project 9 was never set up
+    assert status == 404 and "project 9 is not set up" in body["error"], body
+    assert Store(tmp_path).count_corrections(7) == 0 and Store(tmp_path).projects() == []
+
+    forged = {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": k} for k in range(1, 10_001)]}
+    forged["project"] = {"id": 7}
+    t0 = time.perf_counter()
+    status, body = post(forged)
+    print(f"forged 10,000-id deletion through /webhook: {time.perf_counter() - t0:.3f} s")
+    assert status == 200 and body["stored"] == "unchanged", body
+    status, body = post(annotation_event(7, 70, 4242, rng))  # an id of the forged list
+    assert status == 200 and body["stored"] == "inserted", body

@@ -167,7 +167,8 @@ def test_app_metrics_after_requests(tmp_path) -> None:
         assert client.get("/health").status_code == 200
     assert client.get("/nope").status_code == 404
     assert client.post("/setup", json={}).status_code == 400
-    version = client.post("/setup", json={"project": "3.1", "schema": BRUSH}).get_json()["model_version"]
+    setup = client.post("/setup", json={"project": "3.1795340308", "schema": BRUSH})
+    version = setup.get_json()["model_version"]
     r = client.get("/metrics")
     assert r.status_code == 200 and r.headers["Content-Type"] == CONTENT_TYPE
     assert CONTENT_TYPE.startswith("text/plain; version=0.0.4")

@@ -18,13 +18,51 @@ from backend.labelstudio.protocol import (
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(12, 12), ("12", 12), (" 12 ", 12), ("12.1795340308", 12), ({"id": 7}, 7), ({"id": "7"}, 7)],
+    [
+        (12, 12),
+        ("12", 12),
+        (" 12 ", 12),
+        ("12.1795340308", 12),
+        ("12.999999999", 12),
+        ({"id": 7}, 7),
+        ({"id": "7"}, 7),
+        (2**63 - 1, 2**63 - 1),
+        ("9" * 18, 10**18 - 1),
+    ],
 )
 def test_ids_in_every_form_label_studio_sends(value: object, expected: int) -> None:
     assert parse_id(value, "project") == expected
 
 
-@pytest.mark.parametrize("value", [None, True, False, 0, -3, 1.5, "abc", "", ".5", {"id": None}, [1], "1e3"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        True,
+        False,
+        0,
+        -3,
+        1.5,
+        "abc",
+        "",
+        ".5",
+        {"id": None},
+        [1],
+        "1e3",
+        "3.9",
+        "12.1",
+        "12.",
+        "+3",
+        "３",
+        "1\u0663",
+        "12.123456789012",
+        2**63,
+        str(2**63),
+        {"id": 2**63},
+        "9" * 20,
+        "0",
+    ],
+)
 def test_anything_else_is_a_400_naming_the_field_and_the_value(value: object) -> None:
     with pytest.raises(BadRequestError, match=r"tasks\[2\] 'id' must be a positive integer id.*got") as info:
         parse_id(value, "tasks[2] 'id'")

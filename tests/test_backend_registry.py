@@ -7,6 +7,7 @@ The project: 3 synthetic groups (``cosod.data.synthetic_group``, whose masks are
 from __future__ import annotations
 
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hostile_input import big_png
 
 from backend.grouping import GroupKey, TaskRef
 from backend.learning.corrections import encode_group_key
@@ -208,6 +210,42 @@ def test_too_few_corrections_skips_and_resets(tmp_path: Path, real_pipeline: Pip
     )
     assert out["status"] == "skipped" and store.pending(5) == 0
     assert Registry(store).list_versions(5) == []
+
+
+def test_a_poisoned_stored_row_is_skipped_and_reported_by_the_finetune(
+    tmp_path: Path, fast_pipeline: Pipeline
+) -> None:
+    """A 16384x16384 correction stored before the webhook checked sizes (written straight into SQLite):
+    every fine-tune failed on it with DecompressionBombError; now it is skipped and listed."""
+    store, _, _, _ = build_project(tmp_path)
+    con = sqlite3.connect(store.path)
+    try:
+        con.execute(
+            "INSERT INTO corrections (project, annotation_id, task_id, group_key, image_url, image_hash, "
+            "mask_png, width, height, empty, digest, ls_updated, updated) "
+            "VALUES (?, 999, 9, ?, 'u', NULL, ?, 16384, 16384, 1, 'd', '', 1.0)",
+            (PROJECT, encode_group_key(GroupKey("field:group", "g0")), big_png(16384, 16384)),
+        )
+        con.commit()
+    finally:
+        con.close()
+    stages: list[tuple[str, dict[str, Any]]] = []
+    out = finetune_job(
+        tmp_path,
+        fast_pipeline,
+        config=ft.FinetuneConfig(steps=5, lr=3e-3),
+        promote_margin=-1.0,
+        progress=lambda name, info: stages.append((name, info)),
+    )
+    assert out["status"] == "promoted" and out["corrections"] == N_GROUPS * N_CORRECTED
+    reason = "the stored mask is 16384x16384, over the limit of 50000000 pixels"
+    assert out["skipped_corrections"] == [
+        {"project": PROJECT, "annotation_id": 999, "task_id": 9, "reason": reason}
+    ]
+    assert ("loaded", {"groups": N_GROUPS, "corrected": N_GROUPS * N_CORRECTED, "skipped": 1}) in stages
+    assert finetune_job(tmp_path, fast_pipeline, min_corrections=1000)["skipped_corrections"][0][
+        "reason"
+    ] == (reason)
 
 
 def _state(root: Path) -> tuple[str | None, list[tuple[str, str]], int, list[str]]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle as sdk_decode_rle
 
-from backend.labelstudio.regions import decode_rle, encode_rle, mask_to_rle, rle_to_mask_fast
+from backend.labelstudio.regions import decode_rle, encode_rle, mask_to_rle, rle_header, rle_to_mask_fast
 
 
 def _bits_to_bytes(bits: str) -> list[int]:
@@ -86,3 +86,14 @@ def test_faster_than_the_sdk() -> None:
         assert np.array_equal(ours, ref)
         print(f"{m.shape} mask, {len(rle)} bytes: numpy {t1 - t0:.3f} s, SDK {t2 - t1:.3f} s")
         assert t1 - t0 < t2 - t1
+
+
+def test_rle_header_reads_the_claim_without_decoding() -> None:
+    m = np.zeros((30, 41), bool)
+    m[3:9, 5:30] = True
+    assert rle_header(mask_to_rle(m)) == (4 * 30 * 41, 8)
+    assert rle_header(_bits_to_bytes(_header(2**32 - 1))) == (2**32 - 1, 8)  # a header alone: no decoding
+    assert rle_header(_bits_to_bytes(f"{5:032b}" + f"{15:05b}" + "0" * 16)) == (5, 16)
+    for bad in ("abc", [1, 2, 3], [0, 0, 0, 256, 0, 0, 0], [True] * 7, {"rle": 1}):
+        with pytest.raises(ValueError, match="RLE"):
+            rle_header(bad)

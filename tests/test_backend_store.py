@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hostile_input import big_png
+from PIL import Image
 
-from backend.learning.store import Store, png_to_mask
+from backend.learning.store import Store, ls_time, mask_to_png, png_to_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,3 +176,100 @@ def test_concurrent_writers_from_several_processes(tmp_path: Path) -> None:
     store = Store(tmp_path)
     assert store.count_corrections(1) == 4 * 36
     assert store.pending(1) == 4 * 44  # 40 inserts and 4 deletes per writer, none lost
+
+
+# -- hostile and oversized input (issue 13) ------------------------------------------------------------
+
+
+def _raw_row(store: Store, ann: int, task: int, png: bytes | None, width: int, height: int) -> None:
+    """A corrections row written straight into SQLite, as an older backend may have left it."""
+    con = sqlite3.connect(store.path)
+    try:
+        con.execute(
+            "INSERT INTO corrections (project, annotation_id, task_id, group_key, image_url, image_hash, "
+            "mask_png, width, height, empty, digest, ls_updated, updated) "
+            "VALUES (1, ?, ?, 'g', 'u', NULL, ?, ?, ?, 0, 'd', '', 1.0)",
+            (ann, task, png, width, height),
+        )
+        con.commit()
+    finally:
+        con.close()
+
+
+def test_big_png_is_a_png_of_that_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert np.array_equal(png_to_mask(big_png(13, 5)), np.zeros((5, 13), bool))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    with Image.open(io.BytesIO(big_png(16384, 16384))) as im:
+        assert im.size == (16384, 16384) and im.mode == "1"
+
+
+def test_poisoned_rows_are_skipped_with_their_reason_not_decoded(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    poison = big_png(16384, 16384)
+    _raw_row(store, 101, 11, poison, 16384, 16384)  # the 16384x16384 correction of the issue
+    _raw_row(store, 102, 12, poison, 10, 10)  # a row whose PNG is not what it says
+    _raw_row(store, 103, 13, mask_to_png(_mask()), 10, 10)
+    _raw_row(store, 104, 14, b"\x89PNG not really", 10, 10)
+    _raw_row(store, 105, 15, None, -1, 4)
+    _put(store, _mask(), ann=106, task=16)
+    _raw_row(store, 107, 16, poison, 16384, 16384)  # a later, bad annotation of a task: the good one is used
+    _raw_row(store, 108, 17, mask_to_png(_mask())[:50], 16, 12)  # truncated
+    t0 = time.perf_counter()
+    good, skipped = store.load_corrections(1)
+    print(f"{len(skipped)} bad rows skipped in {1000 * (time.perf_counter() - t0):.0f} ms")
+    assert [(c.annotation_id, c.task_id) for c in good] == [(106, 16)]
+    reasons = {s.annotation_id: s.reason for s in skipped}
+    assert reasons[101] == "the stored mask is 16384x16384, over the limit of 50000000 pixels"
+    assert reasons[102] == "the stored mask is 16384x16384, over the limit of 50000000 pixels"
+    assert reasons[103] == "the stored mask is 16x12, its row says 10x10"
+    assert reasons[104] == "the stored mask is not a readable PNG (no PNG header)"
+    assert reasons[105] == "the stored mask's size -1x4 is negative"
+    assert reasons[107] == reasons[101]
+    assert reasons[108].startswith("the stored mask is not a readable PNG (")
+    assert skipped[0].as_dict() == {"project": 1, "annotation_id": 101, "task_id": 11, "reason": reasons[101]}
+    assert [c.annotation_id for c in store.corrections(1)] == [106]
+    assert [c.annotation_id for c in store.corrections(1, max_pixels=100)] == []
+
+
+def test_delete_corrections_is_one_transaction_and_leaves_tombstones_only_for_stored_rows(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path)
+    for a in (3, 4):
+        _put(store, _mask(), ann=a, task=a, ls_updated="2026-01-01T00:00:00Z")
+    assert store.delete_corrections(1, [4, *range(10, 10_010), 4]) == 1
+    assert store.pending(1) == 3
+    con = sqlite3.connect(store.path)
+    try:
+        rows = con.execute(
+            "SELECT project, annotation_id, task_id, cutoff >= deleted FROM tombstones"
+        ).fetchall()
+    finally:
+        con.close()
+    assert rows == [(1, 4, 4, 1)]
+    assert _put(store, _mask(), ann=10) == "inserted"  # in the deleted list, never stored: not blocked
+    with pytest.raises(ValueError, match=r"0..2\*\*63-1"):
+        store.delete_corrections(1, [2**63])
+    assert store.delete_corrections(1, []) == 0
+
+
+def test_tombstones_of_the_old_schema_block_nothing(tmp_path: Path) -> None:
+    con = sqlite3.connect(tmp_path / "cosod.sqlite3")
+    try:
+        con.execute(
+            "CREATE TABLE tombstones (project INTEGER NOT NULL, annotation_id INTEGER NOT NULL, "
+            "deleted REAL NOT NULL, PRIMARY KEY (project, annotation_id))"
+        )
+        con.executemany("INSERT INTO tombstones VALUES (1, ?, 1.0)", [(k,) for k in range(1, 1001)])
+        con.commit()
+    finally:
+        con.close()
+    store = Store(tmp_path)  # adds the new columns
+    assert _put(store, _mask(), ann=5) == "inserted"
+
+
+def test_ls_time() -> None:
+    assert ls_time("2026-11-22T10:00:00Z") == ls_time("2026-11-22T10:00:00+00:00") == 1795341600.0
+    assert ls_time("2026-11-22T10:00:00") == 1795341600.0  # naive: UTC
+    assert ls_time("2026-11-22T10:00:00.500000Z") == 1795341600.5
+    assert ls_time("") is None and ls_time("yesterday") is None and ls_time("9" * 100) is None

@@ -13,12 +13,16 @@ Webhook events (Label Studio 1.23, ``../shared/docs/label_studio_protocol.md``):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from ..errors import BadRequestError, quote
 
 MAX_ID_DIGITS = 18  # an id in a string: at most this many ASCII digits (fits a 64-bit integer)
+MAX_ID = (1 << 63) - 1  # SQLite's INTEGER (and Label Studio's bigint) holds no more
+# '<id>' or '<id>.<unix seconds>' (Label Studio's int(created_at.timestamp()): 9 to 11 digits), ASCII only
+_ID_TEXT = re.compile(rf"([0-9]{{1,{MAX_ID_DIGITS}}})(?:\.[0-9]{{9,11}})?")
 
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 DELETE_EVENTS = ("ANNOTATION_DELETED", "ANNOTATIONS_DELETED")
@@ -48,19 +52,20 @@ def changes_membership(event: str) -> bool:
 
 
 def parse_id(value: Any, what: str) -> int:
-    """A Label Studio id as an int >= 1, from what Label Studio and users send: ``12``, ``"12"``,
-    ``"12.1795340308"`` (``<id>.<created timestamp>``, how ``/setup`` and ``/predict`` name a project), or an
-    object with an ``"id"``. Anything else (a bool, a float, 0, a name) raises :class:`BadRequestError`
-    naming ``what`` and quoting the value (cut, see :func:`backend.errors.quote`)."""
+    """A Label Studio id as an int in 1..2**63-1, from what Label Studio and users send: ``12``, ``"12"``,
+    ``"12.1795340308"`` (``<id>.<created timestamp>``, how ``/setup`` and ``/predict`` name a project: the
+    suffix is Label Studio's ``int(created_at.timestamp())``, 9 to 11 ASCII digits), or an object with an
+    ``"id"``. In a string, only 1 to :data:`MAX_ID_DIGITS` ASCII digits count (a fullwidth "３" is no id),
+    and ``"3.9"`` is not project 3. Anything else (a bool, a float, 0, 2**63, a name) raises
+    :class:`BadRequestError` naming ``what`` and quoting the value (cut, see :func:`backend.errors.quote`)."""
     raw = value
     if isinstance(value, Mapping):
         value = value.get("id")
     if isinstance(value, str):
-        head = value.strip().split(".", 1)[0]
-        digits = head.isascii() and head.isdigit() and len(head) <= MAX_ID_DIGITS
-        value = int(head) if digits else None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        match = _ID_TEXT.fullmatch(value.strip(" \t\r\n"))
+        value = int(match.group(1)) if match else None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ID:
         raise BadRequestError(
-            f"{what} must be a positive integer id (or '<id>.<timestamp>'), got {quote(raw)}"
+            f"{what} must be a positive integer id below 2**63 (or '<id>.<timestamp>'), got {quote(raw)}"
         )
     return value

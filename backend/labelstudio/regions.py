@@ -168,6 +168,25 @@ def polygon_regions(
     ]
 
 
+RLE_HEADER_BYTES = 7  # the 53-bit header fits in the first 7 bytes
+
+
+def rle_header(rle: Any) -> tuple[int, int]:
+    """``(element count, word size in bits)`` from an RLE's 53-bit header, reading only its first
+    :data:`RLE_HEADER_BYTES` items: what a stream claims before anything is decoded. A brush mask of HxW
+    must claim ``4 * H * W`` elements of 8 bits. Raises ValueError when ``rle`` is not a list of ints in
+    0..255 at least 7 long."""
+    if not isinstance(rle, (list, tuple)):
+        raise ValueError(f"an RLE must be a list of ints in 0..255, got {type(rle).__name__}")
+    if len(rle) < RLE_HEADER_BYTES:
+        raise ValueError(f"an RLE needs a 53-bit header, got {len(rle)} bytes")
+    head = rle[:RLE_HEADER_BYTES]
+    if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in head):
+        raise ValueError(f"an RLE must be a list of ints in 0..255, got {str(head)[:80]!r}...")
+    header = int.from_bytes(bytes(head) + bytes(1), "big")
+    return header >> 32, ((header >> 27) & 31) + 1
+
+
 def decode_rle(rle: Any) -> np.ndarray:
     """Decode Label Studio's brush RLE into a flat uint8 array; the same output as
     ``label_studio_sdk.converter.brush.decode_rle`` (a test compares them), several times faster.

@@ -1,6 +1,6 @@
 """Webhook events -> stored corrections, and whether a fine-tune is due. Cheap on purpose (Label Studio
-waits 1 s for ``/webhook``): it decodes the RLE and writes one SQLite row; it never downloads the image
-(the fine-tune job reads it and fills in the content hash).
+waits 1 s for ``/webhook``): it checks the event, decodes the RLE and writes one SQLite transaction; it never
+downloads the image (the fine-tune job reads it and fills in the content hash).
 
 Events handled (``payload`` as Label Studio sends it, protocol doc §1.1 and §5.4):
 
@@ -8,32 +8,73 @@ Events handled (``payload`` as Label Studio sends it, protocol doc §1.1 and §5
   The mask is the union of the annotation's BrushLabels regions (``value.format == "rle"``), at
   ``original_height x original_width``. Regions of other controls are ignored.
 - ``ANNOTATION_DELETED`` (``annotation``) and ``ANNOTATIONS_DELETED`` (``annotations: [{"id": ...}]``):
-  the stored corrections are removed.
+  the stored corrections are removed, all ids of one event in one transaction.
 - ``START_TRAINING``: ``{"project": {...}}``; asks for a fine-tune.
 
 Empty annotations: an annotation whose ``result`` is empty is stored as an **empty-mask correction** ("there
 is no common object in this image"; its size comes from the image when the fine-tune reads it). A cancelled
 (skipped) annotation is **ignored**, and removes an earlier correction of the same annotation. An
 annotation with regions but no brush region (e.g. only polygons) is ignored.
+
+**What is refused** (nothing is stored; the error is a :class:`~backend.errors.BackendError` with a 4xx
+status whose message names the rule, values quoted cut short). Every check runs before any RLE is decoded:
+
+- a project that is not set up (:func:`project_is_set_up`): :class:`~backend.errors.UnknownProjectError`
+  (404), for every learning event, START_TRAINING and deletions included;
+- ids that are not ints in 1..2**63-1 (:func:`~backend.labelstudio.protocol.parse_id`): 400;
+- an event whose ``task.project`` or ``annotation.project`` is another project, or whose
+  ``annotation.task`` is another task than ``task.id``: :class:`~backend.errors.CorrectionRefusedError`
+  (422);
+- a brush region whose ``original_width * original_height`` is over ``max_pixels``
+  (``COSOD_MAX_IMAGE_PIXELS``, 50 Mpx by default: the limit of task images, since a correction is a mask of
+  its task's image); regions (of any control on the same image) that disagree on the image size; an RLE
+  whose header does not declare exactly ``4 * original_width * original_height`` values of 8 bits (the brush
+  format stores RGBA); more than :data:`MAX_RLE_BYTES` bytes of RLE, :data:`MAX_DECODED_IMAGES` x
+  ``max_pixels`` pixels of brush regions, or :data:`MAX_REGIONS` regions in one annotation; an image
+  reference over :data:`MAX_URL_CHARS` characters or a group value over :data:`MAX_GROUP_CHARS`: 422;
+- more than :data:`MAX_DELETE_IDS` ids in one deletion: 422 (nothing is deleted).
+
+The task's image is not read here (that would break the 1 s budget), so a correction's size is checked
+against the limit and the annotation's other regions, not against the image itself; the fine-tune resizes
+each mask to its image.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from cosod.imageio import DEFAULT_MAX_PIXELS
+
+from ..errors import BadRequestError, CorrectionRefusedError, UnknownProjectError, quote
 from ..grouping import GroupKey, group_key
-from ..labelstudio.protocol import ANNOTATION_EVENTS, DELETE_EVENTS, TRAIN_EVENT, parse_id
-from ..labelstudio.regions import rle_to_mask_fast
-from .store import Store
+from ..labelstudio.protocol import (
+    ANNOTATION_EVENTS,
+    DELETE_EVENTS,
+    LEARNING_EVENTS,
+    TRAIN_EVENT,
+    parse_id,
+)
+from ..labelstudio.regions import rle_header, rle_to_mask_fast
+from .store import Store, ls_time
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRAIN_EVERY = 10
+MAX_DELETE_IDS = 100_000  # ids in one ANNOTATIONS_DELETED event (one transaction, well under a second)
+MAX_REGIONS = 10_000  # regions (of any control) in one annotation
+MAX_RLE_BYTES = 2 << 20  # RLE bytes of one annotation, all brush regions: about 1 s of decoding at worst
+MAX_DECODED_IMAGES = 8  # the brush regions of one annotation decode at most this many x max_pixels pixels
+MAX_URL_CHARS = 8192  # the task's image reference (a presigned URL is ~1-2 KB; a data: URI is refused)
+MAX_GROUP_CHARS = 4096  # the stored group key (the task's group field)
+MAX_TIME_CHARS = 64  # the annotation's updated_at
+# MODEL_DIR/projects/<id>.json holds a project's /setup state (written by backend.prediction.projects)
+PROJECTS_DIR = "projects"
 
 
 def encode_group_key(key: GroupKey) -> str:
@@ -47,47 +88,138 @@ def decode_group_key(text: str) -> GroupKey:
 
 
 def union_brush_mask(
-    result: Sequence[Mapping[str, Any]], *, from_names: Sequence[str] | None = None
+    result: Sequence[Mapping[str, Any]],
+    *,
+    from_names: Sequence[str] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray | None:
     """bool HxW union of the BrushLabels regions in an annotation ``result``; None when there is none.
 
-    ``from_names``: only regions of these controls (default: every brushlabels region). Raises ValueError
-    when two regions disagree on the image size or an RLE does not fit its size.
+    ``from_names``: only regions of these controls (default: every brushlabels region). Every region is
+    checked before any RLE is decoded (module doc: at most ``max_pixels`` pixels per region, the RLE header
+    declaring ``4*H*W`` values, regions agreeing on the image size, the per-annotation budgets):
+    :class:`~backend.errors.CorrectionRefusedError` when a limit or a header says no,
+    :class:`~backend.errors.BadRequestError` (both ValueErrors) for a malformed region or an RLE that does
+    not decode to its size.
     """
-    if not isinstance(result, Sequence) or isinstance(result, (str, bytes)):
-        raise ValueError(f"annotation result must be a list of regions, got {type(result).__name__}")
+    if not isinstance(result, list):
+        raise BadRequestError(f"annotation result must be a list of regions, got {type(result).__name__}")
+    if len(result) > MAX_REGIONS:
+        raise CorrectionRefusedError(
+            f"annotation result has {len(result)} regions, over the limit of {MAX_REGIONS} per annotation"
+        )
+    brush = _brush_regions(result, from_names, max_pixels)
     mask: np.ndarray | None = None
-    for k, region in enumerate(result):
-        if not isinstance(region, Mapping) or str(region.get("type", "")).lower() != "brushlabels":
-            continue
-        if from_names is not None and region.get("from_name") not in from_names:
-            continue
-        value = region.get("value")
-        if not isinstance(value, Mapping) or value.get("format", "rle") != "rle" or "rle" not in value:
-            log.debug("region %d has no RLE; skipped", k)
-            continue
-        h, w = region.get("original_height"), region.get("original_width")
-        if not isinstance(h, int) or not isinstance(w, int) or h < 1 or w < 1:
-            raise ValueError(
-                f"region {k}: original_height/original_width must be positive ints, got {h!r}/{w!r}"
-            )
-        part = rle_to_mask_fast(value["rle"], h, w) > 0
+    for k, h, w, rle in brush:
+        try:
+            part = rle_to_mask_fast(rle, h, w) > 0
+        except ValueError as exc:
+            raise BadRequestError(f"region {k}: {exc}") from None
         if mask is None:
             mask = part
-        elif mask.shape != part.shape:
-            raise ValueError(f"region {k} is {part.shape[0]}x{part.shape[1]}, earlier ones {mask.shape}")
         else:
             mask |= part
     return mask
 
 
+def _size_of(k: int, region: Mapping[str, Any]) -> tuple[int, int] | None:
+    """``(height, width)`` a region declares; None when it declares none."""
+    h, w = region.get("original_height"), region.get("original_width")
+    if h is None and w is None:
+        return None
+    for v in (h, w):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise BadRequestError(
+                f"region {k}: original_height/original_width must be positive ints, got {quote(h)}/{quote(w)}"
+            )
+    assert isinstance(h, int) and isinstance(w, int)
+    return h, w
+
+
+def _brush_regions(
+    result: list[Any], from_names: Sequence[str] | None, max_pixels: int
+) -> list[tuple[int, int, int, Any]]:
+    """The brush regions to decode, ``(index, height, width, rle)``, each checked without decoding."""
+    sizes: dict[Any, tuple[int, tuple[int, int]]] = {}  # to_name -> (first region index, (h, w))
+    brush: list[tuple[int, int, int, Any]] = []
+    rle_bytes = pixels = 0
+    for k, region in enumerate(result):
+        if not isinstance(region, Mapping):
+            continue
+        is_brush = str(region.get("type", "")).lower() == "brushlabels"
+        if is_brush and from_names is not None and region.get("from_name") not in from_names:
+            continue
+        size = _size_of(k, region) if is_brush or "original_width" in region else None
+        if size is not None:
+            to_name = region.get("to_name")
+            to_name = to_name if isinstance(to_name, str) else None
+            first = sizes.setdefault(to_name, (k, size))
+            if first[1] != size:
+                raise CorrectionRefusedError(
+                    f"region {k} is {size[0]}x{size[1]} (original_height x original_width), region "
+                    f"{first[0]} on the same image {first[1][0]}x{first[1][1]}: the regions disagree on the "
+                    "image size"
+                )
+        if not is_brush:
+            continue
+        value = region.get("value")
+        if not isinstance(value, Mapping) or value.get("format", "rle") != "rle" or "rle" not in value:
+            log.debug("region %d has no RLE; skipped", k)
+            continue
+        if size is None:
+            raise BadRequestError(f"region {k}: a brush region needs original_height and original_width")
+        h, w = size
+        if h * w > max_pixels:
+            raise CorrectionRefusedError(
+                f"region {k} is {h}x{w} = {h * w} pixels, over the limit of {max_pixels} "
+                "(COSOD_MAX_IMAGE_PIXELS, the limit of task images)"
+            )
+        rle = value["rle"]
+        try:
+            count, word = rle_header(rle)
+        except ValueError as exc:
+            raise BadRequestError(f"region {k}: {exc}") from None
+        if count != 4 * h * w or word != 8:
+            raise CorrectionRefusedError(
+                f"region {k}: its RLE header declares {count} values of {word} bits, a {h}x{w} brush mask "
+                f"holds 4*{h}*{w} = {4 * h * w} values of 8 bits"
+            )
+        rle_bytes += len(rle)
+        pixels += h * w
+        if rle_bytes > MAX_RLE_BYTES:
+            raise CorrectionRefusedError(
+                f"the brush regions up to region {k} hold {rle_bytes} RLE bytes, over the limit of "
+                f"{MAX_RLE_BYTES} per annotation"
+            )
+        if pixels > MAX_DECODED_IMAGES * max_pixels:
+            raise CorrectionRefusedError(
+                f"the brush regions up to region {k} hold {pixels} pixels, over the limit of "
+                f"{MAX_DECODED_IMAGES} x {max_pixels} per annotation"
+            )
+        brush.append((k, h, w, rle))
+    return brush
+
+
 def _image_url(data: Mapping[str, Any], image_key: str | None) -> str:
     if image_key and isinstance(data.get(image_key), str):
-        return str(data[image_key])
-    for value in data.values():  # no key known: the first string that looks like an image reference
-        if isinstance(value, str) and (value.startswith(("/data/", "http://", "https://", "s3://", "gs://"))):
-            return value
-    raise ValueError(f"task data has no image reference under {image_key!r}: keys {sorted(data)}")
+        url = str(data[image_key])
+    else:  # no key known: the first string that looks like an image reference
+        found = [
+            v
+            for v in data.values()
+            if isinstance(v, str) and v.startswith(("/data/", "http://", "https://", "s3://", "gs://"))
+        ]
+        if not found:
+            raise BadRequestError(
+                f"task data has no image reference under {quote(image_key)}: keys {quote(sorted(data))}"
+            )
+        url = found[0]
+    if len(url) > MAX_URL_CHARS:
+        raise CorrectionRefusedError(
+            f"the task's image reference is {len(url)} characters, over the limit of {MAX_URL_CHARS}: "
+            f"{quote(url)}"
+        )
+    return url
 
 
 def _image_key(project: Mapping[str, Any]) -> str | None:
@@ -102,6 +234,24 @@ def _image_key(project: Mapping[str, Any]) -> str | None:
         return None
 
 
+def project_is_set_up(store: Store, project: int) -> bool:
+    """Whether ``project`` is known to this backend, from persisted state only (so a restart changes
+    nothing): ``/setup`` (or a ``/predict`` with its label config) was received for it, which writes
+    ``MODEL_DIR/projects/<id>.json``, or the store already holds state of it (corrections, counters or
+    versions, e.g. from before this check existed). Label Studio calls ``/setup`` when the model is
+    connected, before it sends any webhook."""
+    return (store.root / PROJECTS_DIR / f"{project}.json").is_file() or store.knows_project(project)
+
+
+def _check_same(what: str, value: Any, expected: int, where: str) -> None:
+    """``value`` (an id or an object with one, if present) must be ``expected``."""
+    if value is None:
+        return
+    got = parse_id(value, where)
+    if got != expected:
+        raise CorrectionRefusedError(f"{where} is {got}, the event is for {what} {expected}")
+
+
 def handle_event(
     store: Store,
     action: str,
@@ -111,17 +261,22 @@ def handle_event(
     image_key: str | None = None,
     from_names: Sequence[str] | None = None,
     train_every: int = DEFAULT_TRAIN_EVERY,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    known: Callable[[int], bool] | None = None,
 ) -> dict[str, Any]:
     """Store (or delete) the correction an event carries; say whether a fine-tune should be enqueued.
 
     ``group_by``: the project's grouping rule (``Project.group_by``); ``image_key``: the task data key of the
     image (``Project.config.image_key``; default: from the payload's label config); ``from_names``: the
-    BrushLabels controls to read (default all). Returns ``{"action", "project", "task", "annotation",
-    "stored", "pending", "enqueue", "reason"}``; ``enqueue`` is True on START_TRAINING or when the project has
-    at least ``train_every`` changes since its last fine-tune. Raises ValueError on a malformed payload.
+    BrushLabels controls to read (default all); ``max_pixels``: the pixel limit of one brush region
+    (``Settings.max_image_pixels``); ``known``: whether a project is set up (default
+    :func:`project_is_set_up`). Returns ``{"action", "project", "task", "annotation", "stored", "pending",
+    "enqueue", "reason"}``; ``enqueue`` is True on START_TRAINING or when the project has at least
+    ``train_every`` changes since its last fine-tune. Raises a 4xx :class:`~backend.errors.BackendError`
+    (module doc) on a malformed or refused event; a refused event changes nothing.
     """
     if not isinstance(payload, Mapping):
-        raise ValueError(f"webhook payload must be an object, got {type(payload).__name__}")
+        raise BadRequestError(f"webhook payload must be an object, got {type(payload).__name__}")
     if train_every < 1:
         raise ValueError(f"train_every must be >= 1, got {train_every!r}")
     out: dict[str, Any] = {"action": action, "project": None, "task": None, "annotation": None}
@@ -134,17 +289,24 @@ def handle_event(
         return out
     pid = parse_id(project_obj, "project")
     out["project"] = pid
+    is_known = known or (lambda p: project_is_set_up(store, p))
+    if action in LEARNING_EVENTS and not is_known(pid):
+        raise UnknownProjectError(
+            f"project {pid} is not set up on this backend (no /setup was received for it and nothing is "
+            "stored for it): connect the model to the project in Label Studio (Settings > Model), "
+            "which calls /setup, then save the annotation again"
+        )
     stored = "ignored"
     if action == TRAIN_EVENT:
         store.request_training(pid)
         stored = "training_requested"
     elif action in DELETE_EVENTS:
-        items = payload.get("annotations") or ([annotation] if annotation is not None else [])
-        removed = [store.delete_correction(pid, parse_id(a, "annotation")) for a in items]
-        stored = "deleted" if any(removed) else "unchanged"
-        out["annotation"] = parse_id(items[0], "annotation") if len(items) == 1 else None
+        ids = _deleted_ids(pid, payload, annotation)
+        removed = store.delete_corrections(pid, ids)
+        stored = "deleted" if removed else "unchanged"
+        out["annotation"] = ids[0] if len(ids) == 1 else None
     elif action in ANNOTATION_EVENTS:
-        stored = _store_annotation(store, pid, payload, out, group_by, image_key, from_names)
+        stored = _store_annotation(store, pid, payload, out, group_by, image_key, from_names, max_pixels)
     pending = store.pending(pid)
     requested = action == TRAIN_EVENT or store.training_requested(pid)
     enqueue = requested or pending >= train_every
@@ -152,6 +314,26 @@ def handle_event(
     out.update(stored=stored, pending=pending, enqueue=enqueue, reason=reason)
     log.info("webhook %s project=%s task=%s: %s (%s)", action, pid, out["task"], stored, reason)
     return out
+
+
+def _deleted_ids(pid: int, payload: Mapping[str, Any], annotation: Any) -> list[int]:
+    """The annotation ids a deletion event names (at most :data:`MAX_DELETE_IDS`), each checked."""
+    items = payload.get("annotations")
+    if items is None:
+        items = [annotation] if annotation is not None else []
+    if not isinstance(items, list):
+        raise BadRequestError(f"'annotations' must be a list of {{'id': ...}}, got {type(items).__name__}")
+    if len(items) > MAX_DELETE_IDS:
+        raise CorrectionRefusedError(
+            f"the event deletes {len(items)} annotations, over the limit of {MAX_DELETE_IDS} per event; "
+            "nothing was deleted"
+        )
+    ids = []
+    for k, item in enumerate(items):
+        ids.append(parse_id(item, f"annotations[{k}]"))
+        if isinstance(item, Mapping):
+            _check_same("project", item.get("project"), pid, f"annotations[{k}].project")
+    return ids
 
 
 def _store_annotation(
@@ -162,30 +344,46 @@ def _store_annotation(
     group_by: str,
     image_key: str | None,
     from_names: Sequence[str] | None,
+    max_pixels: int,
 ) -> str:
     annotation = payload.get("annotation")
     if not isinstance(annotation, Mapping):
-        raise ValueError(f"{out['action']} needs an 'annotation' object, got {annotation!r}")
+        raise BadRequestError(f"{out['action']} needs an 'annotation' object, got {quote(annotation)}")
     aid = parse_id(annotation, "annotation")
     task = payload.get("task") if isinstance(payload.get("task"), Mapping) else None
     tid = parse_id(task if task is not None else annotation.get("task"), "task")
     out.update(annotation=aid, task=tid)
+    _check_same("project", annotation.get("project"), pid, "annotation.project")
+    _check_same("task", annotation.get("task"), tid, "annotation.task")
+    if task is not None:
+        _check_same("project", task.get("project"), pid, "task.project")
+    updated = annotation.get("updated_at") or annotation.get("created_at") or ""
+    if not isinstance(updated, str) or len(updated) > MAX_TIME_CHARS:
+        raise BadRequestError(f"annotation.updated_at must be an ISO 8601 time, got {quote(updated)}")
     if annotation.get("was_cancelled"):
-        return "deleted" if store.delete_correction(pid, aid) else "ignored"
+        event_time = ls_time(updated)
+        removed = store.delete_correction(pid, aid, cutoff=time.time() if event_time is None else event_time)
+        return "deleted" if removed else "ignored"
     if task is None or not isinstance(task.get("data"), Mapping):
-        raise ValueError(f"{out['action']} for annotation {aid} needs the task with its 'data'")
+        raise BadRequestError(f"{out['action']} for annotation {aid} needs the task with its 'data'")
     result = annotation.get("result") or []
-    mask = union_brush_mask(result, from_names=from_names)
+    mask = union_brush_mask(result, from_names=from_names, max_pixels=max_pixels)
     if mask is None and result:
         return "ignored"  # regions, but none of ours
     data = task["data"]
     key = image_key or _image_key(payload.get("project") or {})
+    url = _image_url(data, key)
+    gkey = encode_group_key(group_key(data, group_by))
+    if len(gkey) > MAX_GROUP_CHARS:
+        raise CorrectionRefusedError(
+            f"the task's group is {len(gkey)} characters, over the limit of {MAX_GROUP_CHARS}: {quote(gkey)}"
+        )
     return store.put_correction(
         project=pid,
         annotation_id=aid,
         task_id=tid,
-        group_key=encode_group_key(group_key(data, group_by)),
-        image_url=_image_url(data, key),
+        group_key=gkey,
+        image_url=url,
         mask=mask,
-        ls_updated=str(annotation.get("updated_at") or ""),
+        ls_updated=updated,
     )

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from cosod.imageio import DEFAULT_MAX_PIXELS
+
 from ..grouping import TaskRef, group_key
 from .corrections import encode_group_key
 from .store import Store
@@ -47,6 +49,7 @@ def run_finetune(
     promote_margin: float = 0.005,
     max_context: int = 24,
     min_corrections: int = 3,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """The fine-tune job of a project (a plain function; the queue runs it, at most one per project).
@@ -59,6 +62,11 @@ def run_finetune(
     :func:`cosod.finetune.is_better` on ``promote_metric`` by ``promote_margin``. The project's change
     counter is reset (to what was read at the start) in the registration transaction. Returns a summary.
     A crash at any point leaves the active version serving and no registered half-written checkpoint.
+
+    A stored correction that cannot be used (over ``max_pixels``, the ``COSOD_MAX_IMAGE_PIXELS`` limit, or
+    an unreadable mask: e.g. a row stored before the webhook checked sizes) is skipped, logged, and listed
+    in the summary under ``skipped_corrections`` (``[{project, annotation_id, task_id, reason}]``); the
+    fine-tune goes on with the others.
     """
     from cosod import finetune as ft
     from cosod.pipeline import describe
@@ -71,8 +79,20 @@ def run_finetune(
     cfg = config or ft.FinetuneConfig()
     model = base_pipeline.config.model
     seq = store.change_seq(project_id)
-    corrections = store.corrections(project_id)
-    summary: dict[str, Any] = {"project": project_id, "corrections": len(corrections), "trained_seq": seq}
+    corrections, bad = store.load_corrections(project_id, max_pixels=max_pixels)
+    summary: dict[str, Any] = {
+        "project": project_id,
+        "corrections": len(corrections),
+        "trained_seq": seq,
+        "skipped_corrections": [b.as_dict() for b in bad],
+    }
+    if bad:
+        log.warning(
+            "project %s: %d stored correction(s) skipped (annotations %s); see skipped_corrections",
+            project_id,
+            len(bad),
+            ", ".join(str(b.annotation_id) for b in bad[:10]) + (" ..." if len(bad) > 10 else ""),
+        )
     members = _corrected_images(project_id, store, corrections, read_image)
     if list_group_tasks is not None and members:
         corrected = {c.task_id for c in corrections}
@@ -89,7 +109,7 @@ def run_finetune(
     groups = _groups(members)
     n_corrected = sum(m is not None for g in groups for m in g.masks)
     summary["images"] = sum(len(g.images) for g in groups)
-    _stage(progress, "loaded", groups=len(groups), corrected=n_corrected)
+    _stage(progress, "loaded", groups=len(groups), corrected=n_corrected, skipped=len(bad))
     if n_corrected < min_corrections:
         with store.write() as con:
             store.mark_trained(con, project_id, seq)

@@ -7,9 +7,33 @@ so a :class:`Store` can be shared between threads and survives a fork.
 
 Corrections are keyed by (project, annotation id). A write with the same content is a no-op (re-delivered
 webhooks change nothing); an event older than the stored one (``ls_updated``, Label Studio's
-``updated_at``) is ignored; a deleted annotation leaves a tombstone so a late re-delivery of its create
-event cannot bring it back. Every real change bumps the project's ``change_seq``; a fine-tune records the
+``updated_at``) is ignored. Every real change bumps the project's ``change_seq``; a fine-tune records the
 sequence it trained on (``trained_seq``), and the difference is the number of pending changes.
+
+**Tombstones.** Label Studio may deliver an annotation's CREATED/UPDATED after its DELETED (webhooks are
+sent from a queue), and a late event must not bring a deleted correction back. So removing a *stored*
+correction leaves a tombstone (project, annotation id, task id, ``cutoff``), and a later write of that
+annotation is dropped (``"deleted_before"``) only when it is for the same task and its ``updated_at`` is
+not after ``cutoff`` (or unknown): it describes the annotation as it was before the deletion. ``cutoff`` is
+the time the deletion was received, or the removed row's ``updated_at`` if later (clocks may drift); for a
+cancelled annotation, the cancellation's own ``updated_at``. A write that passes removes the tombstone. The
+rule is sound only for annotations this store held, so:
+
+- a deletion of an annotation never stored (an unknown id, or a forged list of ids) leaves nothing behind and
+  never blocks a later creation of that id;
+- a genuine later write of the same id (un-cancelling a skipped annotation; a new Label Studio database
+  that numbers annotations from 1 again, same MODEL_DIR) carries a later ``updated_at`` and is stored;
+- not covered: an annotation whose CREATED arrives only after its DELETED was never stored when the
+  deletion came, so its late CREATED is stored (delete it again in Label Studio to remove it);
+- tombstones written before this rule (no task id) block nothing.
+
+One webhook event is one write transaction, whatever the number of ids it carries
+(:meth:`Store.delete_corrections`).
+
+**Reading.** :meth:`Store.load_corrections` checks each row before decoding its PNG (size within the pixel
+limit, PNG header agreeing with the row) and returns the rows it could not use with the reason, so one bad
+row (e.g. a 16384x16384 mask stored before the webhook checked sizes) is skipped and reported, never sinks
+every later fine-tune.
 
 The ``versions`` and ``active`` tables belong to :mod:`backend.learning.versions`; they live here so one file
 and one transaction cover a registration, a promotion and the counter reset.
@@ -22,19 +46,27 @@ import io
 import logging
 import os
 import sqlite3
+import struct
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from cosod.imageio import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "cosod.sqlite3"
 BUSY_TIMEOUT_S = 30.0
+MAX_ID = (1 << 63) - 1  # SQLite's INTEGER
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS corrections (
@@ -58,6 +90,8 @@ CREATE TABLE IF NOT EXISTS tombstones (
     project INTEGER NOT NULL,
     annotation_id INTEGER NOT NULL,
     deleted REAL NOT NULL,
+    task_id INTEGER,
+    cutoff REAL,
     PRIMARY KEY (project, annotation_id)
 );
 CREATE TABLE IF NOT EXISTS project_state (
@@ -86,6 +120,30 @@ CREATE TABLE IF NOT EXISTS active (
 """
 
 
+# columns added since the first schema: (table, column, type); added to an existing file when missing
+_ADDED_COLUMNS = (("tombstones", "task_id", "INTEGER"), ("tombstones", "cutoff", "REAL"))
+
+
+def ls_time(text: str | None) -> float | None:
+    """Label Studio's ``updated_at`` (ISO 8601, e.g. ``2026-11-22T10:00:00.123456Z``; naive means UTC) as Unix
+    seconds; None when missing or not a time."""
+    if not text or not isinstance(text, str) or len(text) > 64:
+        return None
+    try:
+        t = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
+
+
+def _check_id(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if not 0 <= value <= MAX_ID:
+        raise ValueError(f"{name} must lie in 0..2**63-1 (an SQLite INTEGER), got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class Correction:
     """A stored corrected mask. ``mask``: bool HxW at the image's original size, or None for an empty
@@ -111,10 +169,41 @@ def mask_to_png(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def png_to_mask(data: bytes) -> np.ndarray:
-    """PNG bytes -> bool HxW."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("L")) > 0
+@dataclass(frozen=True)
+class SkippedCorrection:
+    """A stored row :meth:`Store.load_corrections` could not use, and why."""
+
+    project: int
+    annotation_id: int
+    task_id: int
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def png_to_mask(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """PNG bytes -> bool HxW. The PNG's header is read before anything is decoded: at most ``max_pixels``
+    pixels, and ``size`` (``(width, height)``) when given; ValueError otherwise (also for bytes that are
+    no PNG)."""
+    if len(data) < 24 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        raise ValueError("the stored mask is not a readable PNG (no PNG header)")
+    w, h = struct.unpack(">II", data[16:24])
+    if w * h > max_pixels:
+        raise ValueError(f"the stored mask is {w}x{h}, over the limit of {max_pixels} pixels")
+    if size is not None and (w, h) != tuple(size):
+        raise ValueError(f"the stored mask is {w}x{h}, its row says {size[0]}x{size[1]}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked above
+            with Image.open(io.BytesIO(data)) as im:
+                return np.asarray(im.convert("L")) > 0
+    except Image.DecompressionBombError as exc:  # a max_pixels above Pillow's own limit
+        raise ValueError(f"the stored mask is over Pillow's size limit ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated, corrupt
+        raise ValueError(f"the stored mask is not a readable PNG ({exc})") from None
 
 
 class Store:
@@ -128,6 +217,13 @@ class Store:
         with self.connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(SCHEMA)
+            for table, column, kind in _ADDED_COLUMNS:
+                have = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    try:
+                        con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                    except sqlite3.OperationalError:  # another process added it meanwhile
+                        pass
 
     @contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
@@ -154,9 +250,9 @@ class Store:
 
     # -- corrections ----------------------------------------------------------------------------------
     @staticmethod
-    def _bump(con: sqlite3.Connection, project: int) -> None:
+    def _bump(con: sqlite3.Connection, project: int, n: int = 1) -> None:
         con.execute("INSERT OR IGNORE INTO project_state (project) VALUES (?)", (project,))
-        con.execute("UPDATE project_state SET change_seq = change_seq + 1 WHERE project = ?", (project,))
+        con.execute("UPDATE project_state SET change_seq = change_seq + ? WHERE project = ?", (n, project))
 
     def put_correction(
         self,
@@ -173,11 +269,12 @@ class Store:
 
         ``mask``: bool HxW at the original image size, or None for an empty correction of unknown size.
         Returns ``"inserted"``, ``"updated"``, ``"unchanged"`` (same content, e.g. a re-delivered event),
-        ``"stale"`` (``ls_updated`` older than the stored one) or ``"deleted_before"`` (a tombstone exists).
+        ``"stale"`` (``ls_updated`` older than the stored one) or ``"deleted_before"`` (a tombstone of the
+        same task whose cutoff is not before ``ls_updated``, see the module doc). Ids must lie in
+        0..2**63-1 (TypeError / ValueError otherwise).
         """
         for name, value in (("project", project), ("annotation_id", annotation_id), ("task_id", task_id)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} must be an int, got {value!r}")
+            _check_id(name, value)
         if mask is not None:
             mask = np.asarray(mask)
             if mask.ndim != 2 or mask.dtype != bool or mask.size == 0:
@@ -190,11 +287,20 @@ class Store:
         h = hashlib.sha256(f"{task_id}\x00{group_key}\x00{image_url}\x00{width}x{height}\x00".encode())
         h.update(png or b"")
         digest = h.hexdigest()
+        event_time = ls_time(ls_updated)
         with self.write() as con:
-            if con.execute(
-                "SELECT 1 FROM tombstones WHERE project = ? AND annotation_id = ?", (project, annotation_id)
-            ).fetchone():
-                return "deleted_before"
+            tomb = con.execute(
+                "SELECT task_id, cutoff FROM tombstones WHERE project = ? AND annotation_id = ?",
+                (project, annotation_id),
+            ).fetchone()
+            if tomb is not None and tomb[0] == task_id:
+                cutoff = tomb[1] if tomb[1] is not None else float("inf")
+                if event_time is None or event_time <= cutoff:
+                    return "deleted_before"
+            if tomb is not None:  # a write after the deletion: the annotation lives again
+                con.execute(
+                    "DELETE FROM tombstones WHERE project = ? AND annotation_id = ?", (project, annotation_id)
+                )
             row = con.execute(
                 "SELECT digest, ls_updated, image_hash, image_url FROM corrections "
                 "WHERE project = ? AND annotation_id = ?",
@@ -228,20 +334,48 @@ class Store:
             self._bump(con, project)
         return "inserted" if row is None else "updated"
 
-    def delete_correction(self, project: int, annotation_id: int) -> bool:
-        """Remove an annotation's correction and leave a tombstone; True when something was removed."""
+    def delete_correction(self, project: int, annotation_id: int, *, cutoff: float | None = None) -> bool:
+        """Remove one annotation's correction (see :meth:`delete_corrections`); True when one was removed."""
+        return self.delete_corrections(project, [annotation_id], cutoff=cutoff) > 0
+
+    def delete_corrections(
+        self, project: int, annotation_ids: Iterable[int], *, cutoff: float | None = None
+    ) -> int:
+        """Remove the corrections of these annotations in one transaction; returns how many were stored.
+
+        Each removed correction leaves a tombstone whose cutoff is ``cutoff`` (default: now) or the removed
+        row's ``updated_at`` if later; ids with no stored correction leave nothing (module doc). The work is
+        a few set-wise statements over a temporary table of the ids, so 10,000 ids cost one fsync.
+        """
+        _check_id("project", project)
+        ids = sorted({_check_id("annotation_id", a) for a in annotation_ids})
+        if not ids:
+            return 0
+        now = time.time()
+        base = now if cutoff is None else cutoff
         with self.write() as con:
-            cur = con.execute(
-                "DELETE FROM corrections WHERE project = ? AND annotation_id = ?", (project, annotation_id)
-            )
-            con.execute(
-                "INSERT OR IGNORE INTO tombstones (project, annotation_id, deleted) VALUES (?, ?, ?)",
-                (project, annotation_id, time.time()),
-            )
-            removed = cur.rowcount > 0
-            if removed:
-                self._bump(con, project)
-        return removed
+            con.execute("CREATE TEMP TABLE IF NOT EXISTS deleting (id INTEGER PRIMARY KEY)")
+            con.execute("DELETE FROM temp.deleting")
+            con.executemany("INSERT INTO temp.deleting (id) VALUES (?)", ((a,) for a in ids))
+            rows = con.execute(
+                "SELECT annotation_id, task_id, ls_updated FROM corrections "
+                "WHERE project = ? AND annotation_id IN (SELECT id FROM temp.deleting)",
+                (project,),
+            ).fetchall()
+            if rows:
+                con.executemany(
+                    "INSERT OR REPLACE INTO tombstones (project, annotation_id, deleted, task_id, cutoff) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    ((project, a, now, t, max(base, ls_time(u) or base)) for a, t, u in rows),
+                )
+                con.execute(
+                    "DELETE FROM corrections "
+                    "WHERE project = ? AND annotation_id IN (SELECT id FROM temp.deleting)",
+                    (project,),
+                )
+                self._bump(con, project, len(rows))
+            con.execute("DELETE FROM temp.deleting")
+        return len(rows)
 
     def set_image_hash(self, project: int, annotation_id: int, image_hash: str) -> None:
         """Fill in the content hash once the fine-tune job has read the image (not a content change)."""
@@ -251,20 +385,66 @@ class Store:
                 (image_hash, project, annotation_id),
             )
 
-    def corrections(self, project: int) -> list[Correction]:
-        """The project's corrections, one per task (the most recently updated annotation wins), by task id."""
+    def corrections(self, project: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Correction]:
+        """The project's usable corrections, one per task (the most recently updated annotation wins), by
+        task id; rows that cannot be used are skipped and logged (:meth:`load_corrections` reports them)."""
+        return self.load_corrections(project, max_pixels=max_pixels)[0]
+
+    def load_corrections(
+        self, project: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> tuple[list[Correction], list[SkippedCorrection]]:
+        """``(corrections, skipped)``: the project's corrections, one per task (the most recently updated
+        usable annotation wins), by task id; and the rows that could not be used, each with its reason.
+
+        A row is checked before its mask is decoded: ``width * height`` at most ``max_pixels``
+        (``COSOD_MAX_IMAGE_PIXELS``), a PNG whose header agrees with the row's size. Only one row's mask
+        is decoded at a time, and a bad one never raises.
+        """
         with self.connect() as con:
             rows = con.execute(
-                "SELECT project, annotation_id, task_id, group_key, image_url, image_hash, mask_png, width, "
-                "height, empty, updated FROM corrections WHERE project = ? ORDER BY task_id, updated, "
-                "annotation_id",
+                "SELECT project, annotation_id, task_id, group_key, image_url, image_hash, width, height, "
+                "empty, updated, mask_png FROM corrections WHERE project = ? "
+                "ORDER BY task_id, updated, annotation_id",
                 (project,),
             ).fetchall()
         latest: dict[int, Correction] = {}
+        skipped: list[SkippedCorrection] = []
         for r in rows:
-            mask = png_to_mask(r[6]) if r[6] is not None else None
-            latest[r[2]] = Correction(r[0], r[1], r[2], r[3], r[4], r[5], mask, r[7], r[8], bool(r[9]), r[10])
-        return [latest[t] for t in sorted(latest)]
+            width, height, png = int(r[6]), int(r[7]), r[10]
+            try:
+                if width < 0 or height < 0:
+                    raise ValueError(f"the stored mask's size {width}x{height} is negative")
+                if width * height > max_pixels:
+                    raise ValueError(
+                        f"the stored mask is {width}x{height}, over the limit of {max_pixels} pixels"
+                    )
+                mask = None if png is None else png_to_mask(png, max_pixels=max_pixels, size=(width, height))
+            except ValueError as exc:
+                skip = SkippedCorrection(int(r[0]), int(r[1]), int(r[2]), str(exc))
+                log.warning(
+                    "project %s annotation %s (task %s): correction skipped: %s",
+                    skip.project,
+                    skip.annotation_id,
+                    skip.task_id,
+                    skip.reason,
+                )
+                skipped.append(skip)
+                continue
+            latest[r[2]] = Correction(
+                r[0], r[1], r[2], r[3], r[4], r[5], mask, width, height, bool(r[8]), r[9]
+            )
+        return [latest[t] for t in sorted(latest)], skipped
+
+    def knows_project(self, project: int) -> bool:
+        """Whether this file holds any state of the project (corrections, counters, versions)."""
+        with self.connect() as con:
+            row = con.execute(
+                "SELECT EXISTS (SELECT 1 FROM project_state WHERE project = ?) "
+                "OR EXISTS (SELECT 1 FROM versions WHERE project = ?) "
+                "OR EXISTS (SELECT 1 FROM corrections WHERE project = ?)",
+                (project, project, project),
+            ).fetchone()
+        return bool(row[0])
 
     def count_corrections(self, project: int) -> int:
         with self.connect() as con:
