@@ -51,6 +51,7 @@ def finetune(project_id: int) -> dict[str, Any]:
                 steps=s.finetune_steps, lr=s.finetune_lr, heldout_fraction=s.heldout_fraction
             ),
             promote_metric=s.promote_metric,
+            max_pixels=s.max_image_pixels,
             promote_margin=s.promote_margin,
             min_corrections=s.finetune_min_corrections,
             progress=progress,

@@ -61,7 +61,8 @@ from ..labelstudio.protocol import (
     parse_id,
 )
 from ..labelstudio.regions import rle_header, rle_to_mask_fast
-from .store import Store, ls_time
+from .rows import ls_time
+from .store import Store
 
 log = logging.getLogger(__name__)
 

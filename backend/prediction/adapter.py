@@ -151,7 +151,10 @@ class CoSODModel:
                 group_by=known.group_by if known else self.settings.group_by,
                 image_key=known.config.image_key if known else None,
                 train_every=self.settings.train_every,
+                max_pixels=self.settings.max_image_pixels,
             )
+        except BackendError as exc:  # its own status (422 refused correction, 404 unknown project...)
+            raise type(exc)(f"{event}: {exc}") from None
         except ValueError as exc:
             raise BadRequestError(f"{event}: {exc}") from None
         info.update(stored=out.get("stored"), pending=out.get("pending"), reason=out.get("reason"))

@@ -23,6 +23,7 @@ from cosod.atomic import atomic_write
 
 from ..errors import BackendError, BadRequestError, UnknownProjectError, quote
 from ..labelstudio.labelconfig import LabelConfig, parse_label_config
+from ..learning.corrections import PROJECTS_DIR
 from ..settings import MODELS, Settings, parse_group_by
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class ProjectRegistry:
     def ids(self) -> list[int]:
         """Every project set up, in memory or on disk."""
         on_disk = set()
-        for path in (Path(self.settings.model_dir) / "projects").glob("*.json"):
+        for path in (Path(self.settings.model_dir) / PROJECTS_DIR).glob("*.json"):
             if path.stem.isascii() and path.stem.isdigit():
                 on_disk.add(int(path.stem))
         with self._lock:
@@ -81,7 +82,7 @@ class ProjectRegistry:
                 self._projects.popitem(last=False)
 
     def _project_file(self, project_id: int) -> Path:
-        return Path(self.settings.model_dir) / "projects" / f"{project_id}.json"
+        return Path(self.settings.model_dir) / PROJECTS_DIR / f"{project_id}.json"
 
     def _known(self, project_id: int) -> Project | None:
         """In-memory state, refreshed from MODEL_DIR when another worker (or a restart) wrote a newer one."""
