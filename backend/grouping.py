@@ -83,7 +83,7 @@ def choose_subset(member_ids: Sequence[int], wanted: Iterable[int], *, k: int, l
 
 def group_digest(key: GroupKey, tasks: Sequence[TaskRef], image_key: str) -> str:
     """Identity of a group's content: its rule and value, and each member's id and image reference."""
-    h = hashlib.sha256(f"{key.rule}\x00{key.value}".encode())
+    h = hashlib.sha256(f"{key.rule}\x00{key.value}".encode("utf-8", "surrogatepass"))
     for t in sorted(tasks, key=lambda t: t.id):
-        h.update(f"\x00{t.id}\x00{t.data.get(image_key)}".encode())
+        h.update(f"\x00{t.id}\x00{t.data.get(image_key)}".encode("utf-8", "surrogatepass"))
     return h.hexdigest()[:16]

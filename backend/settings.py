@@ -28,7 +28,8 @@ Environment variables (primary name, then aliases) -> field, default:
   per-task error naming this variable (pre-annotate big projects with POST /jobs/prelabel)
 - COSOD_TASK_LIST_TTL -> task_list_ttl, 60 s (how long a project's task list is cached)
 - COSOD_GROUP_CACHE_SIZE -> group_cache_size, 64 groups
-- LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, LOCAL_FILES_DOCUMENT_ROOT -> local_files_root, none
+- LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, LOCAL_FILES_DOCUMENT_ROOT -> local_files_root, none: then
+  /data/local-files/ images are refused (mount Label Studio's local-files root and name it here)
 - COSOD_LS_MEDIA_ROOT -> ls_media_root, none: Label Studio's media folder (its MEDIA_ROOT, e.g.
   /label-studio/data/media in its image) mounted read-only here; uploaded images (/data/upload/...) are then
   read from it instead of over HTTP (a file not found there is still downloaded)

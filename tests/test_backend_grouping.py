@@ -61,3 +61,9 @@ def test_digest_changes_with_content_only() -> None:
     assert a != group_digest(key, [TASKS[0]], "image")
     assert a != group_digest(key, [TASKS[0], TaskRef(3, {"image": "new.png"})], "image")
     assert a != group_digest(GroupKey("field:group", "dogs"), [TASKS[0], TASKS[2]], "image")
+
+
+def test_a_lone_surrogate_listed_by_label_studio_does_not_break_the_group_digest() -> None:
+    task = TaskRef(1, {"image": "/data/upload/1/a\ud800.png", "group": "g\udfff"})
+    key = group_key(task.data, "auto")
+    assert len(group_digest(key, [task], "image")) == 16

@@ -50,6 +50,16 @@ def test_a_body_over_the_cap_gets_413_naming_the_variable(make_client) -> None:
     assert r.status_code == 413 and "COSOD_MAX_BODY_BYTES" in r.json["error"]
 
 
+@pytest.mark.parametrize(
+    "value",
+    ["²", "３", "3.9", "1" * 5000, str(2**63), "12.", "-3", "12.17953403080000000000"],
+)
+def test_odd_project_ids_are_400_naming_the_field(client, value: str) -> None:
+    r = client.post("/setup", json={"project": value, "schema": BRUSH})
+    assert r.status_code == 400 and "'project'" in r.json["error"], (value, r.json)
+    assert len(r.data) < 600
+
+
 def test_webhook_actions_are_metric_labels_only_when_label_studio_knows_them(client) -> None:
     actions = ["\ud800", "x" * 100_000] + [f"EVIL_{i}" for i in range(300)]
     for action in actions:

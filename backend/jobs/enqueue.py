@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 def group_job_id(project_id: int, key: GroupKey, model_version: str, task_ids: Iterable[int] = ()) -> str:
     """``prelabel-p<project>-<12 hex of the group's rule, value and task ids>-<model version>``: asking again
     for an unchanged group finds its job; a group with tasks added or removed since gets a new one."""
-    h = hashlib.sha256(f"{key.rule}\x00{key.value}".encode())
+    h = hashlib.sha256(f"{key.rule}\x00{key.value}".encode("utf-8", "surrogatepass"))
     for task_id in sorted(set(task_ids)):
         h.update(f"\x00{task_id}".encode())
     return f"prelabel-p{project_id}-{h.hexdigest()[:12]}-{model_version}"

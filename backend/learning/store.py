@@ -205,7 +205,11 @@ class Store:
             empty = not bool(mask.any())
         else:
             png, height, width, empty = None, 0, 0, True
-        h = hashlib.sha256(f"{task_id}\x00{group_key}\x00{image_url}\x00{width}x{height}\x00".encode())
+        h = hashlib.sha256(
+            f"{task_id}\x00{group_key}\x00{image_url}\x00{width}x{height}\x00".encode(
+                "utf-8", "surrogatepass"
+            )
+        )
         h.update(png or b"")
         digest = h.hexdigest()
         event_time = ls_time(ls_updated)
