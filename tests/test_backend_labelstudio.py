@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jwt
 import numpy as np
@@ -190,6 +191,23 @@ def test_project_tasks_are_listed_through_the_sdk_and_cached(fake_ls) -> None:
     c.project_tasks(1)
     assert len(fake_ls.seen) > n
     assert "project=1" in fake_ls.seen[-1][0]
+
+
+def test_a_burst_of_refreshing_listings_shares_one(fake_ls) -> None:
+    tasks = [{"id": i, "data": {"image": f"/data/upload/1/{i}.png"}} for i in range(1, 4)]
+    route = _tasks_route(tasks)
+
+    def slow(query: dict, headers: dict) -> tuple:
+        time.sleep(0.3)  # the burst arrives while the first listing is under way
+        return route(query, headers)
+
+    fake_ls.add_handler("/api/tasks/", slow)
+    c = client(fake_ls)
+    with ThreadPoolExecutor(10) as pool:
+        lists = list(pool.map(lambda _: c.project_tasks(1, refresh=True, max_age=5.0), range(10)))
+    assert c.list_calls == 1 and all(got == lists[0] for got in lists)
+    c.project_tasks(1, refresh=True)  # no max_age: a refresh lists again
+    assert c.list_calls == 2
 
 
 def test_unknown_project_and_unreachable_label_studio(fake_ls) -> None:

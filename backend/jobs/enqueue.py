@@ -36,6 +36,9 @@ def group_job_id(project_id: int, key: GroupKey, model_version: str, task_ids: I
     return f"prelabel-p{project_id}-{h.hexdigest()[:12]}-{model_version}"
 
 
+LIST_REUSE_S = 5.0  # a burst of POST /jobs/prelabel for one project shares one task listing
+
+
 def enqueue_prelabel(
     project_id: int, group_by: str | None = None, groups: Sequence[str | None] | None = None
 ) -> list[jobqueue.Enqueued]:
@@ -54,7 +57,7 @@ def enqueue_prelabel(
     tasks = retrying(
         ctx,
         f"listing the tasks of project {project_id}",
-        lambda: ctx.ls.project_tasks(project_id, refresh=True, sdk_retries=0),
+        lambda: ctx.ls.project_tasks(project_id, refresh=True, max_age=LIST_REUSE_S, sdk_retries=0),
         attempts=1,
     )
     keys = sorted({group_key(t.data, rule) for t in tasks}, key=lambda k: (k.value is None, k.value or ""))

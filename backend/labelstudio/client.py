@@ -94,6 +94,7 @@ class LabelStudioClient:
         self._sdk: Any = None
         self._sdk_token: str | None = None
         self._tasks: dict[int, tuple[float, list[TaskRef]]] = {}
+        self._listing: dict[int, threading.Lock] = {}  # one listing at a time per project
         self.ahead = ImagesAhead()  # bytes read ahead of use by the jobs (.readahead)
         self.media = MediaReader(settings, self.auth_headers, self.ahead, self.task_in_project)
         self._members: set[tuple[int, int]] = set()  # (project, task) pairs Label Studio confirmed
@@ -166,15 +167,32 @@ class LabelStudioClient:
 
     # -- tasks ----------------------------------------------------------------------------------------
     def project_tasks(
-        self, project_id: int, *, refresh: bool = False, sdk_retries: int | None = None
+        self,
+        project_id: int,
+        *,
+        refresh: bool = False,
+        max_age: float | None = None,
+        sdk_retries: int | None = None,
     ) -> list[TaskRef]:
-        """All tasks of a project (id and data), cached for ``COSOD_TASK_LIST_TTL`` seconds.
+        """All tasks of a project (id and data), cached for ``COSOD_TASK_LIST_TTL`` seconds. ``refresh``
+        lists them again, unless ``max_age`` is given and the cached list is younger than that (a burst
+        of requests then shares one listing). Concurrent calls for one project wait for one listing.
         ``sdk_retries=0`` turns off the SDK's own retries (the jobs retry with their own backoff)."""
-        now = time.monotonic()
         with self._lock:
-            hit = self._tasks.get(project_id)
-        if hit and not refresh and now - hit[0] < self.settings.task_list_ttl:
-            return hit[1]
+            project_lock = self._listing.setdefault(project_id, threading.Lock())
+        with project_lock:
+            now = time.monotonic()
+            with self._lock:
+                hit = self._tasks.get(project_id)
+            if hit is not None:
+                age = now - hit[0]
+                if (not refresh and age < self.settings.task_list_ttl) or (
+                    max_age is not None and age < max_age
+                ):
+                    return hit[1]
+            return self._list_project(project_id, now, sdk_retries)
+
+    def _list_project(self, project_id: int, now: float, sdk_retries: int | None) -> list[TaskRef]:
         from label_studio_sdk.core.api_error import ApiError
 
         self.sdk()  # not configured: that LabelStudioError as it is, not "unreachable"
