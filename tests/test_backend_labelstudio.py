@@ -193,7 +193,7 @@ def test_project_tasks_are_listed_through_the_sdk_and_cached(fake_ls) -> None:
     assert "project=1" in fake_ls.seen[-1][0]
 
 
-def test_a_burst_of_refreshing_listings_shares_one(fake_ls) -> None:
+def test_a_burst_of_refreshing_listings_shares_the_next_one(fake_ls) -> None:
     tasks = [{"id": i, "data": {"image": f"/data/upload/1/{i}.png"}} for i in range(1, 4)]
     route = _tasks_route(tasks)
 
@@ -203,11 +203,16 @@ def test_a_burst_of_refreshing_listings_shares_one(fake_ls) -> None:
 
     fake_ls.add_handler("/api/tasks/", slow)
     c = client(fake_ls)
-    with ThreadPoolExecutor(10) as pool:
-        lists = list(pool.map(lambda _: c.project_tasks(1, refresh=True, max_age=5.0), range(10)))
-    assert c.list_calls == 1 and all(got == lists[0] for got in lists)
-    c.project_tasks(1, refresh=True)  # no max_age: a refresh lists again
-    assert c.list_calls == 2
+    c.project_tasks(1)
+    arrived = time.monotonic()
+    assert c.project_tasks(1, refresh=True, since=arrived) and c.list_calls == 2  # older than the request
+
+    def ask(_: int) -> list:
+        return c.project_tasks(1, refresh=True, since=time.monotonic())
+
+    with ThreadPoolExecutor(10) as pool:  # 10 at once: the first lists, the 9 that waited share one more
+        lists = list(pool.map(ask, range(10)))
+    assert c.list_calls == 4 and all(got == lists[0] for got in lists)
 
 
 def test_unknown_project_and_unreachable_label_studio(fake_ls) -> None:

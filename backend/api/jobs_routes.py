@@ -4,6 +4,8 @@
   -> 202 ``{"project", "jobs": [ids], "created": [ids enqueued now], "existing": [ids already there]}``
 - ``GET /jobs/<id>`` -> the job (status, progress, result, error, times); 404 for an unknown id
 - ``GET /jobs?project=N`` -> ``{"jobs": [...]}``
+- ``GET /jobs/coverage?project=N`` -> per group: tasks with and without a prediction of the serving version,
+  and its job's status (``"missing"`` when the queue forgot it; see :mod:`backend.jobs.coverage`)
 - ``DELETE /jobs/<id>`` -> cancels it (a queued job is dropped, a running one stops at its next progress step)
 
 Bad input answers 4xx JSON naming the problem; a Redis outage answers 503.
@@ -24,6 +26,7 @@ from ..errors import (
     quote,
 )
 from ..jobs import queue as jobqueue
+from ..jobs.coverage import project_coverage
 from ..jobs.enqueue import enqueue_prelabel
 from ..jobs.protocol import is_job_id
 from ..labelstudio.protocol import parse_id
@@ -72,6 +75,25 @@ def prelabel() -> tuple[Response, int]:
         existing=[e.job_id for e in enqueued if not e.created],
         queue=_queue().kind,
     ), 202
+
+
+@blueprint.get("/jobs/coverage")
+def coverage() -> Response:
+    """Per group of ``?project=N``: tasks with and without a prediction of the serving version, and the
+    group's job as the queue knows it (``job_status: "missing"`` when Redis forgot it)."""
+    raw = request.args.get("project")
+    if raw is None:
+        raise BadRequestError("/jobs/coverage needs ?project=<id>")
+    pid = parse_id(raw, "'project'")
+    group_by = request.args.get("group_by")
+    try:
+        return jsonify(project_coverage(pid, group_by))
+    except (jobqueue.QueueUnavailableError, TransientJobError) as exc:
+        raise QueueDownError(str(exc)) from None
+    except UnknownProjectError as exc:
+        raise UnknownProjectError(f"unknown project {pid}: {exc}") from None
+    except ValueError as exc:
+        raise BadRequestError(str(exc)) from None
 
 
 @blueprint.get("/jobs/<job_id>")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Iterable, Sequence
 
 from ..errors import quote
@@ -36,14 +37,12 @@ def group_job_id(project_id: int, key: GroupKey, model_version: str, task_ids: I
     return f"prelabel-p{project_id}-{h.hexdigest()[:12]}-{model_version}"
 
 
-LIST_REUSE_S = 5.0  # a burst of POST /jobs/prelabel for one project shares one task listing
-
-
 def enqueue_prelabel(
     project_id: int, group_by: str | None = None, groups: Sequence[str | None] | None = None
 ) -> list[jobqueue.Enqueued]:
     """Enqueue one :func:`prelabel_group` per group of the project (or per listed group value; ``None``
     names the group of tasks without the field). Returns each job id and whether it was created now."""
+    arrived = time.monotonic()  # a burst of requests shares the listings that start after it arrives
     project_id = parse_id(project_id, "project")
     if groups is not None and (
         isinstance(groups, str) or not all(g is None or isinstance(g, str) for g in groups)
@@ -57,7 +56,7 @@ def enqueue_prelabel(
     tasks = retrying(
         ctx,
         f"listing the tasks of project {project_id}",
-        lambda: ctx.ls.project_tasks(project_id, refresh=True, max_age=LIST_REUSE_S, sdk_retries=0),
+        lambda: ctx.ls.project_tasks(project_id, refresh=True, since=arrived, sdk_retries=0),
         attempts=1,
     )
     keys = sorted({group_key(t.data, rule) for t in tasks}, key=lambda k: (k.value is None, k.value or ""))

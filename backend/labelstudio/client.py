@@ -171,13 +171,15 @@ class LabelStudioClient:
         project_id: int,
         *,
         refresh: bool = False,
-        max_age: float | None = None,
+        since: float | None = None,
         sdk_retries: int | None = None,
     ) -> list[TaskRef]:
-        """All tasks of a project (id and data), cached for ``COSOD_TASK_LIST_TTL`` seconds. ``refresh``
-        lists them again, unless ``max_age`` is given and the cached list is younger than that (a burst
-        of requests then shares one listing). Concurrent calls for one project wait for one listing.
-        ``sdk_retries=0`` turns off the SDK's own retries (the jobs retry with their own backoff)."""
+        """All tasks of a project (id and data), cached for ``COSOD_TASK_LIST_TTL`` seconds; ``refresh``
+        lists them again. Listings of one project run one at a time, and with ``since`` (a
+        ``time.monotonic()`` reading, e.g. when the request arrived) a refresh takes a list whose listing
+        started at or after it: a burst of requests that waited for one listing shares the next one, and no
+        request gets a list older than itself. ``sdk_retries=0`` turns off the SDK's own retries (the jobs
+        retry with their own backoff)."""
         with self._lock:
             project_lock = self._listing.setdefault(project_id, threading.Lock())
         with project_lock:
@@ -185,10 +187,9 @@ class LabelStudioClient:
             with self._lock:
                 hit = self._tasks.get(project_id)
             if hit is not None:
-                age = now - hit[0]
-                if (not refresh and age < self.settings.task_list_ttl) or (
-                    max_age is not None and age < max_age
-                ):
+                if not refresh and now - hit[0] < self.settings.task_list_ttl:
+                    return hit[1]
+                if since is not None and hit[0] >= since:
                     return hit[1]
             return self._list_project(project_id, now, sdk_retries)
 

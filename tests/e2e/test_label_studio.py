@@ -90,7 +90,7 @@ def test_grouped_predictions_through_label_studio(label_studio: Any, backend: An
     version = ml["model_version"]
     assert re.fullmatch(rf"scosparc-p{project}-[0-9a-f]{{8}}", version), version
     setup = requests.post(
-        f"{backend.url}/setup", json={"project": f"{project}.1", "schema": config}, timeout=10
+        f"{backend.url}/setup", json={"project": f"{project}.1795340308", "schema": config}, timeout=10
     )
     assert setup.json()["model_version"] == version
     hooks = api(ls, "GET", f"/api/webhooks?project={project}")

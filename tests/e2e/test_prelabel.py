@@ -37,7 +37,9 @@ def wait_jobs(url: str, ids: list[str], timeout: float = 120.0) -> dict[str, dic
 
 
 def model_version(backend: Any, project: int) -> str:
-    r = requests.post(f"{backend.url}/setup", json={"project": f"{project}.1", "schema": CONFIG}, timeout=10)
+    r = requests.post(
+        f"{backend.url}/setup", json={"project": f"{project}.1795340308", "schema": CONFIG}, timeout=10
+    )
     assert r.status_code == 200, r.text
     return r.json()["model_version"]
 
@@ -171,6 +173,12 @@ def test_prelabel_in_process_and_the_cli(label_studio: Any, backend: Any, e2e: A
     ls = label_studio
     project, task_group = e2e.create_grouped_project(ls, {"reds": 3, "blues": 2}, title="in-process prelabel")
     version = model_version(backend, project)
+    before = requests.get(f"{backend.url}/jobs/coverage", params={"project": project}, timeout=60).json()
+    assert (before["model_version"], before["tasks"], before["missing"]) == (version, 5, 5), before
+    assert {(g["group"], g["missing"], g["job_status"]) for g in before["groups"]} == {
+        ("reds", 3, "missing"),
+        ("blues", 2, "missing"),
+    }
     cli = [sys.executable, "-m", "backend.api.cli", "--backend", backend.url]
     run = subprocess.run(
         [*cli, "prelabel", "--project", str(project), "--wait", "--poll", "0.1"],
@@ -183,6 +191,9 @@ def test_prelabel_in_process_and_the_cli(label_studio: Any, backend: Any, e2e: A
     assert f"project {project}: 2 group jobs (2 new, 0 already queued or done)" in run.stdout
     assert "5/5" in run.stderr  # the tqdm bar reached the total
     check_one_prediction_each(e2e, ls, project, task_group, version)
+    after = requests.get(f"{backend.url}/jobs/coverage", params={"project": project}, timeout=60).json()
+    assert (after["predicted"], after["missing"]) == (5, 0), after
+    assert {g["job_status"] for g in after["groups"]} == {"finished"}
 
     r = requests.post(f"{backend.url}/jobs/prelabel", json={"project": project}, timeout=60)
     assert r.status_code == 202 and r.json()["queue"] == "inprocess" and r.json()["created"] == []
