@@ -400,7 +400,7 @@ def unbounded_predict() -> list[Case]:
                         "tasks": [fake_task(k, "/data/local-files/?d=imgs/b.png", f"g{k}") for k in range(n)],
                         "project": proj(w, "B"),
                     },
-                    timeout=90,
+                    timeout=60,
                 )
             ],
             status="2xx|4xx",
@@ -420,7 +420,7 @@ def unbounded_predict() -> list[Case]:
                         "tasks": [fake_task(k, "/data/local-files/?d=imgs/a.png", "big3") for k in range(n)],
                         "project": proj(w, "B"),
                     },
-                    timeout=90,
+                    timeout=60,
                 )
             ],
             status="2xx|4xx",
