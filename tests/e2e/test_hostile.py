@@ -2004,6 +2004,13 @@ def world(request: pytest.FixtureRequest, label_studio: Any, tmp_path_factory: p
     from tests.e2e.conftest import run_worker
 
     config = request.cls.CONFIG
+    if config == "rq":
+        import redis
+
+        try:
+            redis.Redis(socket_connect_timeout=2).ping()
+        except redis.RedisError as exc:
+            pytest.skip(f"no Redis on 127.0.0.1:6379 ({exc})")
     base = tmp_path_factory.mktemp(f"hostile-{config}")
     with open_world(
         config,
