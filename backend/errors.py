@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import reprlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 QUOTE_CHARS = 160  # the most characters of a client's value a message or a log line repeats
@@ -50,14 +50,30 @@ def _blank_password(userinfo: str) -> str:
     return f"{user}:***" if sep else "***"
 
 
-def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
+def redact(text: str, secrets: Iterable[str | None] = (), paths: Mapping[str, str] | None = None) -> str:
     """``text`` with every URL's password and every one of ``secrets`` (those of 4 or more characters)
-    replaced by ``***``."""
+    replaced by ``***``, and each of ``paths`` (a server folder -> the name to show, e.g. ``MODEL_DIR``)
+    replaced by its name, longest first."""
     text = redact_url(text)
     for secret in secrets:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
+    for folder in sorted(paths or {}, key=len, reverse=True):
+        if len(folder) > 1:
+            text = text.replace(folder, (paths or {})[folder])
     return text
+
+
+def redact_all(value: Any, secrets: Iterable[str | None] = (), paths: Mapping[str, str] | None = None) -> Any:
+    """:func:`redact` applied to every string inside a JSON-like value (dicts, lists, strings)."""
+    secrets = tuple(secrets)
+    if isinstance(value, str):
+        return redact(value, secrets, paths)
+    if isinstance(value, dict):
+        return {k: redact_all(v, secrets, paths) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_all(v, secrets, paths) for v in value]
+    return value
 
 
 class BackendError(Exception):

@@ -273,6 +273,22 @@ class Settings(BaseSettings):
         return bool(self.basic_auth_user)
 
     @property
+    def private_paths(self) -> dict[str, str]:
+        """The server's folders, by the variable that names them, which no answer may show."""
+        named = {
+            "MODEL_DIR": self.model_dir,
+            "COSOD_CACHE_DIR": self.cache_dir,
+            "COSOD_WEIGHTS_DIR": self.weights_dir,
+            "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": self.local_files_root,
+            "COSOD_LS_MEDIA_ROOT": self.ls_media_root,
+        }
+        out = {}
+        for name, folder in named.items():
+            if folder:
+                out[os.path.abspath(folder)] = f"${name}"
+        return out
+
+    @property
     def secrets(self) -> tuple[str, ...]:
         """The configured secrets, which no answer may show (see :func:`backend.errors.redact`)."""
         redis_password = urlsplit(self.redis_url).password if self.redis_url else None

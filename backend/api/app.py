@@ -20,7 +20,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from ..errors import BackendError, BadRequestError, quote, redact
+from ..errors import BackendError, BadRequestError, quote, redact, redact_all
 from ..jobs.context import JobContext, install_context
 from ..jobs.enqueue import enqueue_finetune
 from ..labelstudio.protocol import LEARNING_EVENTS, parse_id
@@ -137,7 +137,7 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
     def _backend_error(exc: BackendError) -> tuple[Response, int]:
         kind = type(exc).__name__
         metrics.errors.labels(kind=kind).inc()
-        message = redact(str(exc), settings.secrets)
+        message = redact(str(exc), settings.secrets, settings.private_paths)
         log.warning("%s %s -> %d %s: %s", request.method, quote(request.path), exc.status, kind, message)
         return jsonify(error=message, type=kind, status=exc.status), exc.status
 
@@ -183,7 +183,7 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
             body["load_seconds"] = round(loader.load_seconds or 0.0, 3)
         if loader.error:
             body["error"] = loader.error
-        return jsonify(body), 200 if ready else 503
+        return jsonify(redact_all(body, settings.secrets, settings.private_paths)), 200 if ready else 503
 
     @app.post("/setup")
     def setup() -> Response:
@@ -239,9 +239,8 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
     @app.get("/versions")
     def versions() -> Response:
         raw = request.args.get("project")
-        if raw is None:
-            body = request.get_json(force=True, silent=True)
-            raw = body.get("project") if isinstance(body, dict) else None
+        if raw is None and request.get_data(cache=True):  # Label Studio's GET has no body; old clients POSTed
+            raw = json_object(request).get("project")
         pid = parse_id(raw, "'project'") if raw is not None else None
         projects = model.versions(pid)
         names = [p["active"] for p in projects]
@@ -250,7 +249,7 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
         return jsonify(
             versions=names,
             model_version=projects[0]["active"] if len(projects) == 1 else None,
-            projects=projects,
+            projects=redact_all(projects, settings.secrets, settings.private_paths),
         )
 
     @app.get("/metrics")

@@ -24,6 +24,7 @@ from ..errors import (
     TransientJobError,
     UnknownProjectError,
     quote,
+    redact_all,
 )
 from ..jobs import queue as jobqueue
 from ..jobs.coverage import project_coverage
@@ -40,6 +41,12 @@ blueprint = Blueprint("jobs", __name__)
 
 def _settings() -> Settings:
     return current_app.extensions["cosod"]["settings"]
+
+
+def _public(job: dict) -> dict:
+    """A job as a client may see it: no secret, no server folder (errors and results may name them)."""
+    s = _settings()
+    return redact_all(job, s.secrets, s.private_paths)
 
 
 def _queue() -> jobqueue.JobQueue:
@@ -106,7 +113,7 @@ def get_job(job_id: str) -> Response:
         raise QueueDownError(str(exc)) from None
     if info is None:
         raise JobNotFoundError(f"no job {quote(job_id)} (unknown, or expired after its TTL)")
-    return jsonify(info.to_dict())
+    return jsonify(_public(info.to_dict()))
 
 
 @blueprint.get("/jobs")
@@ -117,7 +124,7 @@ def list_jobs() -> Response:
         found = _queue().list(pid)
     except jobqueue.QueueUnavailableError as exc:
         raise QueueDownError(str(exc)) from None
-    return jsonify(jobs=[j.to_dict() for j in found])
+    return jsonify(jobs=[_public(j.to_dict()) for j in found])
 
 
 @blueprint.delete("/jobs/<job_id>")
@@ -130,4 +137,4 @@ def cancel_job(job_id: str) -> Response:
         raise QueueDownError(str(exc)) from None
     if info is None:
         raise JobNotFoundError(f"no job {quote(job_id)} (unknown, or expired after its TTL)")
-    return jsonify(info.to_dict())
+    return jsonify(_public(info.to_dict()))

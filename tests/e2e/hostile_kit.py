@@ -932,7 +932,7 @@ def _warm(world: World) -> None:
     task = world.ls_api("GET", f"/api/tasks/{tid}")
     r = world.session.post(
         f"{world.url}/predict",
-        json={"tasks": [{"id": tid, "data": task["data"]}], "project": f"{world.pid('B')}.1"},
+        json={"tasks": [{"id": tid, "data": task["data"]}], "project": f"{world.pid('B')}.1795340308"},
         auth=world.auth,
         timeout=120,
     )

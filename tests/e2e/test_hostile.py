@@ -847,7 +847,10 @@ def five_hundreds() -> list[Case]:
                 Req(
                     "POST",
                     "/setup",
-                    json={"project": "880001.1", "schema": w.configs["B"].replace("Object", surrogate)},
+                    json={
+                        "project": "880001.1795340308",
+                        "schema": w.configs["B"].replace("Object", surrogate),
+                    },
                 )
             ],
             status="2xx|4xx",
@@ -860,7 +863,7 @@ def five_hundreds() -> list[Case]:
                     "POST",
                     "/setup",
                     json={
-                        "project": "880002.1",
+                        "project": "880002.1795340308",
                         "schema": w.configs["B"],
                         "extra_params": {"group_by": "field:" + surrogate},
                     },
@@ -928,7 +931,7 @@ def five_hundreds() -> list[Case]:
             status="2xx",
         ),
     ]
-    ums = {"project": "880003.1", "extra_params": {"model": "ums"}}
+    ums = {"project": "880003.1795340308", "extra_params": {"model": "ums"}}
     cases += [
         Case(
             c,
@@ -945,7 +948,7 @@ def five_hundreds() -> list[Case]:
                     "/setup",
                     json={
                         **ums,
-                        "project": "880004.1",
+                        "project": "880004.1795340308",
                         "schema": w.configs["B"],
                         "extra_params": '{"model": "ums"}',
                     },
@@ -960,7 +963,11 @@ def five_hundreds() -> list[Case]:
                 Req(
                     "POST",
                     "/setup",
-                    json={"project": "880005.1", "schema": w.configs["B"], "extra_params": {"model": "sam"}},
+                    json={
+                        "project": "880005.1795340308",
+                        "schema": w.configs["B"],
+                        "extra_params": {"model": "sam"},
+                    },
                 )
             ],
         ),
@@ -1074,14 +1081,18 @@ def amplification() -> list[Case]:
             c,
             "20k-labels-in-one-control",
             lambda w: [
-                Req("POST", "/setup", json={"project": "880010.1", "schema": brush_config(n_labels=20_000)})
+                Req(
+                    "POST",
+                    "/setup",
+                    json={"project": "880010.1795340308", "schema": brush_config(n_labels=20_000)},
+                )
             ],
             status="2xx|4xx",
         ),
         Case(
             c,
             "schema-billion-laughs",
-            lambda w: [Req("POST", "/setup", json={"project": "880011.1", "schema": bomb})],
+            lambda w: [Req("POST", "/setup", json={"project": "880011.1795340308", "schema": bomb})],
             seconds=FAST_SECONDS,
         ),
         Case(
@@ -1092,7 +1103,7 @@ def amplification() -> list[Case]:
                     "POST",
                     "/setup",
                     json={
-                        "project": "880012.1",
+                        "project": "880012.1795340308",
                         "schema": "<View>" + "<V>" * 100_000 + "</V>" * 100_000 + "</View>",
                     },
                 )
@@ -1107,7 +1118,7 @@ def amplification() -> list[Case]:
                     "POST",
                     "/setup",
                     json={
-                        "project": "880013.1",
+                        "project": "880013.1795340308",
                         "schema": w.configs["B"].replace("<View>", "<View><!--" + "x" * MB20 + "-->"),
                     },
                 )
@@ -1623,7 +1634,11 @@ def types() -> list[Case]:
                 c,
                 f"setup-{name}",
                 lambda w, f=fields, k=k: [
-                    Req("POST", "/setup", json={"project": f"{880100 + k}.1", "schema": w.configs["B"], **f})
+                    Req(
+                        "POST",
+                        "/setup",
+                        json={"project": f"{880100 + k}.1795340308", "schema": w.configs["B"], **f},
+                    )
                 ],
             )
         )
@@ -1693,7 +1708,7 @@ def types() -> list[Case]:
                     "POST",
                     "/predict",
                     json={
-                        "project": "880200.1",
+                        "project": "880200.1795340308",
                         "label_config": "<View><Image name='i' value='$image'/></View>",
                         "tasks": [fake_task(91, "/data/local-files/?d=imgs/a.png")],
                     },
@@ -1723,7 +1738,10 @@ def types() -> list[Case]:
                 Req(
                     "POST",
                     "/predict",
-                    json={"project": "880201.1", "tasks": [fake_task(94, "/data/local-files/?d=imgs/a.png")]},
+                    json={
+                        "project": "880201.1795340308",
+                        "tasks": [fake_task(94, "/data/local-files/?d=imgs/a.png")],
+                    },
                 )
             ],
         ),
