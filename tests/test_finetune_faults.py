@@ -382,3 +382,52 @@ def test_a_claim_counts_killed_runs_and_waits_for_a_live_one(tmp_path: Path) -> 
             raise RuntimeError("an exception clears the marker")
     with reg.locked(5) as held:
         assert held is not None and held.marker() is None
+
+
+def test_a_writer_killed_mid_write_leaves_a_temp_file_that_is_named_for_its_destination(
+    tmp_path: Path,
+) -> None:
+    """``atomic_write`` removes its temp file on an exception, but a SIGKILL leaves it (what the clean-up
+    is for); the destination is never touched."""
+    from cosod.atomic import atomic_write, temp_file_target
+
+    dest = tmp_path / "scosparc-p3-v1.pt"
+    code = (
+        "import os, signal, sys\n"
+        "from cosod.atomic import atomic_write\n"
+        "def write(f):\n"
+        "    f.write(b'half'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"atomic_write({str(dest)!r}, write)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    (left,) = tmp_path.iterdir()
+    assert temp_file_target(left.name) == dest.name and left.read_bytes() == b"half"
+    with pytest.raises(RuntimeError):
+        atomic_write(tmp_path / "other.pt", lambda f: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert [p.name for p in tmp_path.iterdir()] == [left.name]  # an exception leaves nothing
+    for name in ("scosparc-p3-v1.pt", ".hidden", ".x.tmp", "a.pt.abc.tmp", "..tmp"):
+        assert temp_file_target(name) is None, name
+
+
+def test_recover_finetunes_never_fails_a_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Redis down: the killed fine-tune is logged, not queued, and the start goes on; one killed as often
+    as COSOD_JOB_RETRIES allows is given up."""
+    from types import SimpleNamespace
+
+    from backend.jobs.finetuning import recover_finetunes
+
+    reg = Registry(Store(tmp_path))
+    for project, starts in ((1, 1), (2, 3)):
+        with reg.locked(project) as held:
+            assert held is not None
+            held.set_marker({"owner": f"finetune-p{project}", "starts": starts})
+    settings = Settings(
+        model_dir=str(tmp_path), redis_url=f"redis://127.0.0.1:{free_port()}/0", job_retries=2
+    )
+    ctx = SimpleNamespace(settings=settings, model=SimpleNamespace(registry=reg))
+    out = recover_finetunes(ctx)  # type: ignore[arg-type]
+    assert [(o["project"], o["job"]) for o in out] == [(1, None), (2, None)]
+    assert "the killed fine-tune is not queued again" in caplog.text
+    assert "killed 3 times in a row" in caplog.text
+    assert [(o["project"], o["job"]) for o in recover_finetunes(ctx)] == [(1, None)]  # 2: given up

@@ -13,6 +13,7 @@ running on and queues again each killed fine-tune that has runs left.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import Any
 
 from ..errors import BackendError, JobQueueError, PermanentJobError, TransientJobError
@@ -107,15 +108,20 @@ def recover_finetunes(ctx: JobContext | None = None) -> list[dict[str, Any]]:
     """Run once when a worker (or the API, for its in-process queue) starts, and as often as wanted after:
     for each project no fine-tune is running on, delete the orphaned checkpoint and temp files, and queue
     again a fine-tune that was killed, unless it was killed ``COSOD_JOB_RETRIES + 1`` times in a row
-    (asking again for a queued or running one changes nothing). Never raises for an unreachable queue
-    (logged; the next start or correction queues it). Returns one dict per project it touched:
-    ``{project, interrupted, removed, job}`` (``job`` None when not queued)."""
+    (asking again for a queued or running one changes nothing). Never raises for an unreachable queue or
+    an unreadable MODEL_DIR (logged; the next start or correction does it). Returns one dict per project
+    it touched: ``{project, interrupted, removed, job}`` (``job`` None when not queued)."""
     from ..learning.finetune import interrupted_finetunes
 
     ctx = ctx or context()
     s = ctx.settings
+    try:
+        interrupted = interrupted_finetunes(ctx.model.registry, max_starts=s.job_retries + 1)
+    except (OSError, sqlite3.Error) as exc:  # a start must not fail on a clean-up; the next one retries
+        log.error("looking for killed fine-tunes failed: %s", exc)
+        return []
     out = []
-    for found in interrupted_finetunes(ctx.model.registry, max_starts=s.job_retries + 1):
+    for found in interrupted:
         job = None
         if found.requeue:
             try:

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 STATUSES = ("base", "active", "candidate", "rejected", "retired")
 _FINETUNED = re.compile(r"^(?P<model>[a-z0-9_]+)-p(?P<project>\d+)-v(?P<n>\d+)$")
-_PROJECT_DIR = re.compile(r"^p(?P<project>\d+)$")
+_PROJECT_DIR = re.compile(r"^p(?P<project>0|[1-9]\d*)$")  # as checkpoint_path writes it
 LOCK_NAME = "finetune.lock"
 
 
@@ -183,13 +183,11 @@ class Registry:
         handles it (projects being fine-tuned are passed over)."""
         if not self.root.is_dir():
             return
-        for folder in sorted(self.root.iterdir()):
-            m = _PROJECT_DIR.match(folder.name)
-            if not (m and folder.is_dir()):
-                continue
-            with self.locked(int(m.group("project")), wait=0) as held:
+        found = (_PROJECT_DIR.match(f.name) for f in self.root.iterdir() if f.is_dir())
+        for project in sorted(int(m.group("project")) for m in found if m):
+            with self.locked(project, wait=0) as held:
                 if held is None:
-                    log.debug("project %s: a fine-tune holds its lock; left alone", m.group("project"))
+                    log.debug("project %s: a fine-tune holds its lock; left alone", project)
                     continue
                 yield held
 
