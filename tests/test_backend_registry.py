@@ -310,12 +310,19 @@ def test_a_finetune_killed_midway_leaves_the_active_version_serving(
     assert pending == N_GROUPS * N_CORRECTED  # the corrections still wait for a fine-tune
     assert not [f for f in files if f.endswith(".tmp")]  # no half-written checkpoint
     if stage == "saved":
-        assert "scosparc-p12-v2.pt" in files  # complete but never registered: not served, its name skipped
-        assert Registry(Store(tmp_path)).next_version(PROJECT, "scosparc") == "scosparc-p12-v3"
+        assert "scosparc-p12-v2.pt" in files  # complete but never registered: not served
     else:
-        assert files == ["p12", "scosparc-p12-v1.pt"]
+        assert files == ["finetune.lock", "p12", "scosparc-p12-v1.pt"]
     served = Registry(Store(tmp_path)).serving(PROJECT, fast_pipeline, BASE)
     assert served[1] == "scosparc-p12-v1"
+    # the next run finds the killed one's marker, deletes its orphan and takes the number it left free
+    out = finetune_job(tmp_path, fast_pipeline, config=ft.FinetuneConfig(steps=5), owner="again")
+    assert out["version"] == "scosparc-p12-v2"
+    assert out["recovered"]["starts"] == 2 and out["recovered"]["interrupted"]["starts"] == 1
+    assert out["recovered"]["removed"] == (["scosparc-p12-v2.pt"] if stage == "saved" else [])
+    assert [v for v, _ in _state(tmp_path)[1]] == [BASE, "scosparc-p12-v1", "scosparc-p12-v2"]
+    assert _state(tmp_path)[3] == ["finetune.lock", "p12", "scosparc-p12-v1.pt", "scosparc-p12-v2.pt"]
+    assert (tmp_path / "versions" / "p12" / "finetune.lock").read_bytes() == b""  # the marker is cleared
 
 
 def test_an_exception_midway_changes_nothing(tmp_path: Path, fast_pipeline: Pipeline) -> None:
@@ -326,7 +333,8 @@ def test_an_exception_midway_changes_nothing(tmp_path: Path, fast_pipeline: Pipe
     with pytest.raises(RuntimeError, match="injected"):
         finetune_job(tmp_path, fast_pipeline, config=ft.FinetuneConfig(steps=5), progress=progress)
     active, versions, pending, files = _state(tmp_path)
-    assert active == BASE and versions == [(BASE, "base")] and files == []
+    assert active == BASE and versions == [(BASE, "base")] and files == ["finetune.lock", "p12"]
+    assert (tmp_path / "versions" / "p12" / "finetune.lock").read_bytes() == b""  # an exception clears it
     assert pending == N_GROUPS * N_CORRECTED  # still waiting for a fine-tune
 
 

@@ -5,8 +5,8 @@
   ``prelabel-p<project>-<12 hex of the group and its task ids>-<model version>``. Asking twice enqueues
   nothing new: a job with that id that is queued, running or finished is left alone. A group whose tasks
   changed since gets a new job, which skips what is predicted.
-- :func:`enqueue_finetune`: the project's fine-tune (:func:`backend.jobs.finetuning.finetune`), unless one
-  is queued or running; the webhook calls it through ``CoSODModel.schedule_finetune``.
+- :func:`enqueue_finetune` (defined in :mod:`backend.jobs.finetuning`, named here too): the project's
+  fine-tune, unless one is queued or running; the webhook calls it through ``CoSODModel.schedule_finetune``.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from collections.abc import Iterable, Sequence
 from ..errors import quote
 from ..grouping import GroupKey, effective_rule, group_key, members
 from ..labelstudio.protocol import parse_id
-from ..settings import Settings, parse_group_by
+from ..settings import parse_group_by
 from . import queue as jobqueue
 from .context import context, project_state, retrying
-from .finetuning import finetune
+from .finetuning import enqueue_finetune, finetune_job_id
 from .prelabel import prelabel_group
+
+__all__ = ["enqueue_finetune", "enqueue_prelabel", "finetune_job_id", "group_job_id", "prelabel_project"]
 
 log = logging.getLogger(__name__)
 
@@ -105,29 +107,3 @@ def prelabel_project(
 ) -> list[str]:
     """The job ids of the project's group jobs (enqueued when not already queued, running or finished)."""
     return [e.job_id for e in enqueue_prelabel(project_id, group_by, groups)]
-
-
-def finetune_job_id(project_id: int) -> str:
-    return f"finetune-p{project_id}"
-
-
-def enqueue_finetune(settings: Settings, project_id: int) -> str:
-    """Enqueue the project's fine-tune unless one is already queued or running (one id per project, not
-    kept once finished, so the next batch of corrections can start the next one). Returns the job id."""
-    q = jobqueue.get_queue(settings)
-    enq = q.enqueue(
-        finetune,
-        project_id,
-        job_id=finetune_job_id(project_id),
-        timeout=settings.finetune_timeout,
-        result_ttl=settings.job_result_ttl,
-        failure_ttl=settings.job_failure_ttl,
-        retries=0,
-        meta={"project": project_id, "kind": "finetune"},
-        description=f"fine-tune project {project_id} on its corrections",
-        keep_finished=False,
-    )
-    log.info(
-        "project %s: fine-tune %s (%s)", project_id, enq.job_id, "new" if enq.created else "already queued"
-    )
-    return enq.job_id

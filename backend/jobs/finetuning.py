@@ -1,17 +1,31 @@
-"""The fine-tune job: one per project at a time, queued by :func:`backend.jobs.enqueue.enqueue_finetune`
-when the webhook has stored ``COSOD_TRAIN_EVERY`` corrections (or on START_TRAINING); the work itself is
-:func:`backend.learning.finetune.run_finetune`."""
+"""The fine-tune job: one per project at a time, queued by :func:`enqueue_finetune` when the webhook has
+stored ``COSOD_TRAIN_EVERY`` corrections (or on START_TRAINING); the work itself is
+:func:`backend.learning.finetune.run_finetune`.
+
+Killed fine-tunes are done again. The job is queued with ``COSOD_JOB_RETRIES`` retries, so when its
+worker dies the reaper of a live worker re-queues it (about two heartbeats later), and the next run deletes
+the files the killed one left (see :mod:`backend.learning.finetune`). :func:`recover_finetunes`, called
+when a process starts, covers what the queue cannot see: Redis lost its record, or the jobs ran in a
+process that was killed (no ``REDIS_URL``). It deletes orphaned files of every project no fine-tune is
+running on and queues again each killed fine-tune that has runs left.
+"""
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import Any
 
-from ..errors import BackendError, PermanentJobError, TransientJobError
+from ..errors import BackendError, JobQueueError, PermanentJobError, TransientJobError
+from ..settings import Settings
 from . import queue as jobqueue
-from .context import context, project_state, retrying
+from .context import JobContext, context, project_state, retrying
 
 log = logging.getLogger(__name__)
+
+
+def finetune_job_id(project_id: int) -> str:
+    return f"finetune-p{project_id}"
 
 
 def finetune(project_id: int) -> dict[str, Any]:
@@ -55,6 +69,7 @@ def finetune(project_id: int) -> dict[str, Any]:
             promote_margin=s.promote_margin,
             min_corrections=s.finetune_min_corrections,
             progress=progress,
+            owner=finetune_job_id(project_id),
         )
     except (jobqueue.JobCanceledError, jobqueue.JobTimeoutError, TransientJobError):
         raise
@@ -64,3 +79,58 @@ def finetune(project_id: int) -> dict[str, Any]:
         raise PermanentJobError(reason) from None
     log.info("project %s: fine-tune %s", project_id, result.get("status"))
     return result
+
+
+def enqueue_finetune(settings: Settings, project_id: int) -> str:
+    """Enqueue the project's fine-tune unless one is already queued or running (one id per project, not
+    kept once finished, so the next batch of corrections can start the next one). Returns the job id.
+    ``COSOD_JOB_RETRIES`` retries: a run whose worker died is run again."""
+    q = jobqueue.get_queue(settings)
+    enq = q.enqueue(
+        finetune,
+        project_id,
+        job_id=finetune_job_id(project_id),
+        timeout=settings.finetune_timeout,
+        result_ttl=settings.job_result_ttl,
+        failure_ttl=settings.job_failure_ttl,
+        retries=settings.job_retries,
+        meta={"project": project_id, "kind": "finetune"},
+        description=f"fine-tune project {project_id} on its corrections",
+        keep_finished=False,
+    )
+    log.info(
+        "project %s: fine-tune %s (%s)", project_id, enq.job_id, "new" if enq.created else "already queued"
+    )
+    return enq.job_id
+
+
+def recover_finetunes(ctx: JobContext | None = None) -> list[dict[str, Any]]:
+    """Run once when a worker (or the API, for its in-process queue) starts, and as often as wanted after:
+    for each project no fine-tune is running on, delete the orphaned checkpoint and temp files, and queue
+    again a fine-tune that was killed, unless it was killed ``COSOD_JOB_RETRIES + 1`` times in a row
+    (asking again for a queued or running one changes nothing). Never raises for an unreachable queue or
+    an unreadable MODEL_DIR (logged; the next start or correction does it). Returns one dict per project
+    it touched: ``{project, interrupted, removed, job}`` (``job`` None when not queued)."""
+    from ..learning.finetune import interrupted_finetunes
+
+    ctx = ctx or context()
+    s = ctx.settings
+    try:
+        interrupted = interrupted_finetunes(ctx.model.registry, max_starts=s.job_retries + 1)
+    except (OSError, sqlite3.Error) as exc:  # a start must not fail on a clean-up; the next one retries
+        log.error("looking for killed fine-tunes failed: %s", exc)
+        return []
+    out = []
+    for found in interrupted:
+        job = None
+        if found.requeue:
+            try:
+                job = enqueue_finetune(s, found.project)
+            except JobQueueError as exc:
+                log.warning("project %s: the killed fine-tune is not queued again: %s", found.project, exc)
+        out.append(
+            {"project": found.project, "interrupted": found.marker, "removed": found.removed, "job": job}
+        )
+    if out:
+        log.info("fine-tunes recovered at start: %s", out)
+    return out

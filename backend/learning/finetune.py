@@ -4,14 +4,23 @@
 corrections and their images in, a candidate head trained, scored against the active version on the
 held-out corrections, written atomically, registered, and activated only on evidence
 (:func:`cosod.finetune.is_better`).
+
+Killed fine-tunes: :func:`run_finetune` holds the project's lock (:meth:`~.versions.Registry.locked`) and
+a marker in it from start to end; an exception clears the marker, a kill cannot. The next fine-tune of the
+project (a re-queued job) finds the marker, deletes the orphans the killed one left (an unregistered
+checkpoint, a temp file) and does the work again; :func:`interrupted_finetunes`, run when a process
+starts, does the same for projects no job is re-running and says which fine-tunes to queue again.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +60,7 @@ def run_finetune(
     min_corrections: int = 3,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Callable[[str, dict[str, Any]], None] | None = None,
+    owner: str = "",
 ) -> dict[str, Any]:
     """The fine-tune job of a project (a plain function; the queue runs it, at most one per project).
 
@@ -67,6 +77,12 @@ def run_finetune(
     an unreadable mask: e.g. a row stored before the webhook checked sizes) is skipped, logged, and listed
     in the summary under ``skipped_corrections`` (``[{project, annotation_id, task_id, reason}]``); the
     fine-tune goes on with the others.
+
+    It runs holding the project's lock (waiting while another fine-tune of the project holds it) with a
+    marker naming ``owner`` (the job id); when it finds the marker of a killed run, it deletes that run's
+    orphaned files first and the summary says so under ``recovered`` (``{interrupted: the marker, removed:
+    [file names], starts}``). The candidate's number is taken under the lock after that clean-up, so the
+    registered versions are numbered v1, v2, ... without a gap or a repeat.
     """
     from cosod import finetune as ft
     from cosod.pipeline import describe
@@ -75,116 +91,215 @@ def run_finetune(
         raise ValueError(
             f"unknown promotion metric {promote_metric!r}; known: {', '.join(ft.HIGHER_IS_BETTER)}"
         )
-    t0 = time.perf_counter()
-    cfg = config or ft.FinetuneConfig()
-    model = base_pipeline.config.model
-    seq = store.change_seq(project_id)
-    corrections, bad = store.load_corrections(project_id, max_pixels=max_pixels)
-    summary: dict[str, Any] = {
-        "project": project_id,
-        "corrections": len(corrections),
-        "trained_seq": seq,
-        "skipped_corrections": [b.as_dict() for b in bad],
-    }
-    if bad:
-        log.warning(
-            "project %s: %d stored correction(s) skipped (annotations %s); see skipped_corrections",
-            project_id,
-            len(bad),
-            ", ".join(str(b.annotation_id) for b in bad[:10]) + (" ..." if len(bad) > 10 else ""),
+    with claim_project(registry, project_id, owner) as claim:
+        t0 = time.perf_counter()
+        cfg = config or ft.FinetuneConfig()
+        model = base_pipeline.config.model
+        seq = store.change_seq(project_id)
+        corrections, bad = store.load_corrections(project_id, max_pixels=max_pixels)
+        summary: dict[str, Any] = {
+            "project": project_id,
+            "corrections": len(corrections),
+            "trained_seq": seq,
+            "skipped_corrections": [b.as_dict() for b in bad],
+            **claim.summary(),
+        }
+        if bad:
+            log.warning(
+                "project %s: %d stored correction(s) skipped (annotations %s); see skipped_corrections",
+                project_id,
+                len(bad),
+                ", ".join(str(b.annotation_id) for b in bad[:10]) + (" ..." if len(bad) > 10 else ""),
+            )
+        members = _corrected_images(project_id, store, corrections, read_image)
+        if list_group_tasks is not None and members:
+            corrected = {c.task_id for c in corrections}
+            _add_context(
+                project_id,
+                members,
+                list_group_tasks(project_id),
+                corrected,
+                read_image,
+                group_by,
+                image_key,
+                max_context,
+            )
+        groups = _groups(members)
+        n_corrected = sum(m is not None for g in groups for m in g.masks)
+        summary["images"] = sum(len(g.images) for g in groups)
+        _stage(progress, "loaded", groups=len(groups), corrected=n_corrected, skipped=len(bad))
+        if n_corrected < min_corrections:
+            with store.write() as con:
+                store.mark_trained(con, project_id, seq)
+            return {
+                **summary,
+                "status": "skipped",
+                "reason": f"{n_corrected} usable corrections < {min_corrections}",
+            }
+
+        registry.ensure_base(project_id, model, base_version, describe(base_pipeline.config))
+        active_pipe, active_version = registry.serving(project_id, base_pipeline, base_version)
+        result = ft.finetune(
+            active_pipe, groups, cfg, on_step=lambda s, r: _stage(progress, "train", step=s, **r)
         )
-    members = _corrected_images(project_id, store, corrections, read_image)
-    if list_group_tasks is not None and members:
-        corrected = {c.task_id for c in corrections}
-        _add_context(
-            project_id,
-            members,
-            list_group_tasks(project_id),
-            corrected,
-            read_image,
-            group_by,
-            image_key,
-            max_context,
+        held = set(result.heldout_hashes)
+        active_scores = ft.evaluate_heldout(active_pipe, groups, held)
+        cand_pipe = ft.head_pipeline(base_pipeline, result.head)
+        cand_scores = ft.evaluate_heldout(cand_pipe, groups, held)
+        promoted = ft.is_better(cand_scores, active_scores, promote_metric, promote_margin)
+        decision = (
+            f"{promote_metric}: candidate {cand_scores.get(promote_metric, float('nan')):.4f} vs active "
+            f"{active_scores.get(promote_metric, float('nan')):.4f}, margin {promote_margin}: "
+            + ("promoted" if promoted else "kept the active version")
         )
-    groups = _groups(members)
-    n_corrected = sum(m is not None for g in groups for m in g.masks)
-    summary["images"] = sum(len(g.images) for g in groups)
-    _stage(progress, "loaded", groups=len(groups), corrected=n_corrected, skipped=len(bad))
-    if n_corrected < min_corrections:
-        with store.write() as con:
-            store.mark_trained(con, project_id, seq)
+        _stage(progress, "evaluated", candidate=cand_scores, active=active_scores)
+
+        version = registry.next_version(project_id, model)
+        path = registry.checkpoint_path(project_id, version)
+        record: dict[str, Any] = {
+            "parent": active_version,
+            "config": {
+                "finetune": asdict(cfg),
+                "pipeline": describe(base_pipeline.config),
+                "backbone_id": base_pipeline.backbone.id,
+            },
+            "data_ids": sorted(result.train_hashes),
+            "metrics": {
+                "train": result.train_metrics,
+                "heldout": cand_scores,
+                "active_heldout": active_scores,
+            },
+        }
+        _save_head(model, base_pipeline, result.head, path, record)
+        _stage(progress, "saved", version=version, path=str(path))
+        rec = VersionRecord(
+            project_id,
+            version,
+            model,
+            parent=active_version,
+            path=str(path),
+            scores=cand_scores,
+            active_scores=active_scores,
+            latest_scores=cand_scores,
+            promoted=promoted,
+            decision=decision,
+            data_ids=record["data_ids"],
+            heldout_ids=sorted(held),
+            config=record["config"],
+            train_metrics=result.train_metrics,
+        )
+        registry.register(rec, activate=promoted, trained_seq=seq)
+        registry.record_scores(project_id, active_version, active_scores)
+        _stage(progress, "registered", version=version, promoted=promoted)
+        log.info("project %s: %s (%s)", project_id, version, decision)
         return {
             **summary,
-            "status": "skipped",
-            "reason": f"{n_corrected} usable corrections < {min_corrections}",
+            "status": "promoted" if promoted else "rejected",
+            "version": version,
+            "parent": active_version,
+            "active": version if promoted else active_version,
+            "decision": decision,
+            "scores": cand_scores,
+            "active_scores": active_scores,
+            "heldout": len(held),
+            "train_images": len(result.train_hashes),
+            "seconds": time.perf_counter() - t0,
+            "train_seconds": result.seconds,
+            "pending_after": store.pending(project_id),
         }
 
-    registry.ensure_base(project_id, model, base_version, describe(base_pipeline.config))
-    active_pipe, active_version = registry.serving(project_id, base_pipeline, base_version)
-    result = ft.finetune(
-        active_pipe, groups, cfg, on_step=lambda s, r: _stage(progress, "train", step=s, **r)
-    )
-    held = set(result.heldout_hashes)
-    active_scores = ft.evaluate_heldout(active_pipe, groups, held)
-    cand_pipe = ft.head_pipeline(base_pipeline, result.head)
-    cand_scores = ft.evaluate_heldout(cand_pipe, groups, held)
-    promoted = ft.is_better(cand_scores, active_scores, promote_metric, promote_margin)
-    decision = (
-        f"{promote_metric}: candidate {cand_scores.get(promote_metric, float('nan')):.4f} vs active "
-        f"{active_scores.get(promote_metric, float('nan')):.4f}, margin {promote_margin}: "
-        + ("promoted" if promoted else "kept the active version")
-    )
-    _stage(progress, "evaluated", candidate=cand_scores, active=active_scores)
 
-    version = registry.next_version(project_id, model)
-    path = registry.checkpoint_path(project_id, version)
-    record: dict[str, Any] = {
-        "parent": active_version,
-        "config": {
-            "finetune": asdict(cfg),
-            "pipeline": describe(base_pipeline.config),
-            "backbone_id": base_pipeline.backbone.id,
-        },
-        "data_ids": sorted(result.train_hashes),
-        "metrics": {"train": result.train_metrics, "heldout": cand_scores, "active_heldout": active_scores},
-    }
-    _save_head(model, base_pipeline, result.head, path, record)
-    _stage(progress, "saved", version=version, path=str(path))
-    rec = VersionRecord(
-        project_id,
-        version,
-        model,
-        parent=active_version,
-        path=str(path),
-        scores=cand_scores,
-        active_scores=active_scores,
-        latest_scores=cand_scores,
-        promoted=promoted,
-        decision=decision,
-        data_ids=record["data_ids"],
-        heldout_ids=sorted(held),
-        config=record["config"],
-        train_metrics=result.train_metrics,
-    )
-    registry.register(rec, activate=promoted, trained_seq=seq)
-    registry.record_scores(project_id, active_version, active_scores)
-    _stage(progress, "registered", version=version, promoted=promoted)
-    log.info("project %s: %s (%s)", project_id, version, decision)
-    return {
-        **summary,
-        "status": "promoted" if promoted else "rejected",
-        "version": version,
-        "parent": active_version,
-        "active": version if promoted else active_version,
-        "decision": decision,
-        "scores": cand_scores,
-        "active_scores": active_scores,
-        "heldout": len(held),
-        "train_images": len(result.train_hashes),
-        "seconds": time.perf_counter() - t0,
-        "train_seconds": result.seconds,
-        "pending_after": store.pending(project_id),
-    }
+@dataclass
+class Claim:
+    """A fine-tune's hold on its project: ``previous`` the marker of the killed run(s) before it (None
+    when the last run ended), ``removed`` the orphaned files deleted, ``starts`` the runs in a row without
+    an end, this one included."""
+
+    previous: dict[str, Any] | None
+    removed: list[str] = field(default_factory=list)
+    starts: int = 1
+
+    def summary(self) -> dict[str, Any]:
+        if self.previous is None and not self.removed:
+            return {}
+        return {"recovered": {"interrupted": self.previous, "removed": self.removed, "starts": self.starts}}
+
+
+def _starts(marker: dict[str, Any] | None) -> int:
+    if marker is None:
+        return 0
+    try:
+        return max(1, int(marker.get("starts", 1)))
+    except (TypeError, ValueError):
+        return 1
+
+
+@contextmanager
+def claim_project(registry: Registry, project_id: int, owner: str = "") -> Iterator[Claim]:
+    """Hold the project's lock for a fine-tune: read the marker a killed run left, write this run's, delete
+    the orphaned files; on the way out (return or exception, not a kill) clear the marker."""
+    with registry.locked(project_id) as held:
+        assert held is not None  # waited for it
+        previous = held.marker()
+        claim = Claim(previous, starts=_starts(previous) + 1)
+        held.set_marker(
+            {
+                "owner": owner,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.time(),
+                "starts": claim.starts,
+            }
+        )
+        claim.removed = [f.name for f in registry.remove_orphans(held)]
+        if previous is not None:
+            log.warning(
+                "project %s: the last fine-tune (%s) ended without finishing; starting it again "
+                "(run %d in a row), deleted %s",
+                project_id,
+                previous,
+                claim.starts,
+                claim.removed or "no file",
+            )
+        try:
+            yield claim
+        finally:
+            held.set_marker(None)
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """A project whose fine-tune was killed (``marker`` its last run's) or that had orphaned files."""
+
+    project: int
+    marker: dict[str, Any] | None
+    removed: list[str]
+    requeue: bool  # queue the fine-tune again (its killed runs did not use up ``max_starts``)
+
+
+def interrupted_finetunes(registry: Registry, *, max_starts: int) -> list[Interrupted]:
+    """For each project no fine-tune is running on now: delete its orphaned files, and report a fine-tune
+    that was killed. One killed ``max_starts`` times in a row is not to be queued again (its marker is
+    cleared, an error logged): a fine-tune that kills its process (out of memory) must not loop; the next
+    correction or "Start training" queues it afresh."""
+    out = []
+    for held in registry.idle_projects():
+        removed = [f.name for f in registry.remove_orphans(held)]
+        marker = held.marker()
+        if marker is None and not removed:
+            continue
+        requeue = marker is not None and _starts(marker) < max_starts
+        if marker is not None and not requeue:
+            log.error(
+                "project %s: the fine-tune was killed %d times in a row (last: %s); not queued again until "
+                "the next correction or Start training",
+                held.project,
+                _starts(marker),
+                marker,
+            )
+            held.set_marker(None)
+        out.append(Interrupted(held.project, marker, removed, requeue))
+    return out
 
 
 Member = tuple[int, np.ndarray, str, "np.ndarray | None"]  # task id, image, image hash, mask (None: context)

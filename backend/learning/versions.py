@@ -11,18 +11,34 @@ Serving: :meth:`Registry.serving` gives ``(pipeline, version)`` for a project: t
 while no fine-tuned version is active (or after a rollback to the base), else a :class:`~cosod.pipeline.
 Pipeline` sharing the base pipeline's backbone(s) and feature cache with the active version's head, cached
 per (project, version).
+
+Faults: a fine-tune holds its project's lock (:meth:`Registry.locked`, an ``flock`` on
+``versions/p<project>/finetune.lock``) from start to end, so at most one process writes a project's
+checkpoints and picks its next number, and the kernel drops the lock when that process dies, even by
+SIGKILL. Whoever holds the lock may delete the project's *orphans* (:meth:`Registry.orphans`): checkpoints
+named like a fine-tuned version of the project but not registered (a kill between the rename and the
+registration) and the temp files of killed writes (``.<version>.pt.<random>.tmp``). The fine-tune deletes
+them before it numbers its candidate, so the registered versions of a project are always v1..vN without
+a gap or a repeat; :meth:`Registry.idle_projects` lets a process starting up do the same for every project
+nobody is fine-tuning.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from cosod.atomic import temp_file_target
 
 from .store import Store
 
@@ -30,6 +46,8 @@ log = logging.getLogger(__name__)
 
 STATUSES = ("base", "active", "candidate", "rejected", "retired")
 _FINETUNED = re.compile(r"^(?P<model>[a-z0-9_]+)-p(?P<project>\d+)-v(?P<n>\d+)$")
+_PROJECT_DIR = re.compile(r"^p(?P<project>0|[1-9]\d*)$")  # as checkpoint_path writes it
+LOCK_NAME = "finetune.lock"
 
 
 @dataclass
@@ -64,6 +82,54 @@ def _row_to_record(row: tuple[Any, ...]) -> VersionRecord:
     return VersionRecord(**rec)
 
 
+class ProjectLock:
+    """A held lock on one project's checkpoints (see :meth:`Registry.locked`). The lock file also carries
+    a marker: a JSON object its holder writes and clears; one found by the next holder was left by a holder
+    that died (the kernel released its lock, nobody cleared the marker)."""
+
+    def __init__(self, project: int, f: IO[bytes]):
+        self.project = project
+        self._f = f
+
+    def marker(self) -> dict[str, Any] | None:
+        """The marker, or None when clear. A marker that is not a JSON object reads as ``{}``."""
+        self._f.seek(0)
+        raw = self._f.read()
+        if not raw.strip():
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    def set_marker(self, value: dict[str, Any] | None) -> None:
+        """Write (``None``: clear) the marker, durably."""
+        self._f.seek(0)
+        self._f.truncate()
+        if value is not None:
+            self._f.write(json.dumps(value).encode())
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+
+def _flock(f: IO[bytes], wait: float | None) -> bool:
+    """Lock ``f`` exclusively; ``wait`` None: until it is free, else give up after ``wait`` seconds."""
+    if wait is None:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        return True
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(0.2, left))
+
+
 class Registry:
     """Versions of every project, in the store's SQLite file; checkpoints under ``store.root/versions``."""
 
@@ -79,18 +145,88 @@ class Registry:
         return self.root / f"p{int(project)}" / f"{version}.pt"
 
     def next_version(self, project: int, model: str) -> str:
-        """``<model>-p<project>-v<n>`` with n one above the highest fine-tuned version of the project."""
+        """``<model>-p<project>-v<n>`` with n one above the highest fine-tuned version of the project. Ask
+        while holding :meth:`locked`, after :meth:`remove_orphans`: then n follows the registered versions
+        without a gap, and nobody else can take it before it is registered."""
         n = 0
         with self.store.connect() as con:
             for (name,) in con.execute("SELECT version FROM versions WHERE project = ?", (project,)):
                 m = _FINETUNED.match(name)
                 if m:
                     n = max(n, int(m.group("n")))
-        for f in self.root.joinpath(f"p{int(project)}").glob("*.pt"):  # also skip names of orphaned files
+        # a checkpoint :meth:`remove_orphans` could not delete keeps its name (never overwritten)
+        for f in self.root.joinpath(f"p{int(project)}").glob("*.pt"):
             m = _FINETUNED.match(f.stem)
             if m:
                 n = max(n, int(m.group("n")))
         return f"{model}-p{int(project)}-v{n + 1}"
+
+    # -- the project lock and orphaned files ---------------------------------------------------------
+    @contextmanager
+    def locked(self, project: int, *, wait: float | None = None) -> Iterator[ProjectLock | None]:
+        """Hold the project's lock (``flock``, so it works across processes and threads of one process,
+        and dies with its holder); ``wait`` None waits until it is free, else yields None if it is still
+        held by someone else after ``wait`` seconds (0: do not wait)."""
+        folder = self.root / f"p{int(project)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / LOCK_NAME, "a+b") as f:
+            if not _flock(f, wait):
+                yield None
+                return
+            try:
+                yield ProjectLock(int(project), f)
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def idle_projects(self) -> Iterator[ProjectLock]:
+        """The lock of each project with a checkpoint folder that nobody holds now, held while the caller
+        handles it (projects being fine-tuned are passed over)."""
+        if not self.root.is_dir():
+            return
+        found = (_PROJECT_DIR.match(f.name) for f in self.root.iterdir() if f.is_dir())
+        for project in sorted(int(m.group("project")) for m in found if m):
+            with self.locked(project, wait=0) as held:
+                if held is None:
+                    log.debug("project %s: a fine-tune holds its lock; left alone", project)
+                    continue
+                yield held
+
+    def orphans(self, project: int) -> list[Path]:
+        """The project's files no version owns: temp files of a checkpoint write that never finished, and
+        checkpoints named like one of its fine-tuned versions that is not registered. Delete them only
+        while holding :meth:`locked` (a fine-tune at work owns such files until it registers)."""
+        folder = self.root / f"p{int(project)}"
+        if not folder.is_dir():
+            return []
+        with self.store.connect() as con:
+            rows = con.execute("SELECT version FROM versions WHERE project = ?", (project,)).fetchall()
+        registered = {str(r[0]) for r in rows}
+        out = []
+        for f in sorted(folder.iterdir()):
+            target = temp_file_target(f.name)
+            name = f.name if target is None else target
+            m = _FINETUNED.match(name[: -len(".pt")]) if name.endswith(".pt") else None
+            if m is None or int(m.group("project")) != int(project) or not f.is_file():
+                continue
+            if target is not None or m.group(0) not in registered:
+                out.append(f)
+        return out
+
+    def remove_orphans(self, held: ProjectLock) -> list[Path]:
+        """Delete the orphans of the locked project (see :meth:`orphans`); returns what was deleted."""
+        removed = []
+        for f in self.orphans(held.project):
+            try:
+                size = f.stat().st_size
+                f.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:  # next_version still skips a checkpoint's name; retried next time
+                log.error("project %s: cannot delete the orphaned %s: %s", held.project, f, exc)
+                continue
+            log.warning("project %s: deleted the orphaned %s (%d bytes)", held.project, f.name, size)
+            removed.append(f)
+        return removed
 
     # -- reading --------------------------------------------------------------------------------------
     def get(self, project: int, version: str) -> VersionRecord | None:
