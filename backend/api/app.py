@@ -23,6 +23,7 @@ from werkzeug.exceptions import HTTPException
 from ..errors import BackendError, BadRequestError, quote, redact, redact_all
 from ..jobs.context import JobContext, install_context
 from ..jobs.enqueue import enqueue_finetune
+from ..jobs.finetuning import recover_finetunes
 from ..labelstudio.protocol import LEARNING_EVENTS, parse_id
 from ..metrics import CONTENT_TYPE, Metrics, VersionsCollector
 from ..prediction import build_model
@@ -96,6 +97,8 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
     metrics.add_shared_collector(VersionsCollector(model.versions))
     redis_probe = RedisProbe(settings.redis_url)
     install_context(JobContext.of(model))
+    if not settings.redis_url:  # in-process jobs died with the last process: redo its killed fine-tunes
+        recover_finetunes()
 
     app = Flask(__name__)
     app.config["JSON_SORT_KEYS"] = False

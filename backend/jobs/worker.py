@@ -35,6 +35,7 @@ from ..errors import GPUClaimError
 from ..prediction.pipelines import PipelineFactory
 from ..settings import Settings
 from .context import JobContext, install_context
+from .finetuning import recover_finetunes
 from .gpu import claim_gpu, visible_gpus
 from .rqueue import redis_connection
 
@@ -176,6 +177,7 @@ def _serve(
     )
     ctx = JobContext.from_settings(settings, pipeline_factory)
     install_context(ctx)
+    recover_finetunes(ctx)  # a fine-tune killed with its worker (or forgotten by Redis) is queued again
     if not ctx.loader.wait(timeout=1800.0):
         print(f"cosod-worker: the pipeline could not be loaded: {ctx.loader.error}", file=sys.stderr)
         return 1
