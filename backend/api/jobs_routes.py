@@ -14,6 +14,8 @@ Bad input answers 4xx JSON naming the problem; a Redis outage answers 503.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
@@ -49,6 +51,19 @@ def _public(job: dict) -> dict:
     return redact_all(job, s.secrets, s.private_paths)
 
 
+@contextmanager
+def _project_errors(pid: int) -> Iterator[None]:
+    """A project-wide job request's failures as answers: queue down 503, unknown project 404, else 400."""
+    try:
+        yield
+    except (jobqueue.QueueUnavailableError, TransientJobError) as exc:
+        raise QueueDownError(str(exc)) from None
+    except UnknownProjectError as exc:
+        raise UnknownProjectError(f"unknown project {pid}: {exc}") from None
+    except ValueError as exc:
+        raise BadRequestError(str(exc)) from None
+
+
 def _queue() -> jobqueue.JobQueue:
     return jobqueue.get_queue(_settings())
 
@@ -67,14 +82,8 @@ def prelabel() -> tuple[Response, int]:
     names_ok = isinstance(groups, list) and all(x is None or isinstance(x, str) for x in groups)
     if groups is not None and not names_ok:
         raise BadRequestError(f"'groups' must be a list of group names, got {quote(groups)}")
-    try:
+    with _project_errors(pid):
         enqueued = enqueue_prelabel(pid, group_by, groups)
-    except (jobqueue.QueueUnavailableError, TransientJobError) as exc:
-        raise QueueDownError(str(exc)) from None
-    except UnknownProjectError as exc:
-        raise UnknownProjectError(f"unknown project {pid}: {exc}") from None
-    except ValueError as exc:
-        raise BadRequestError(str(exc)) from None
     return jsonify(
         project=pid,
         jobs=[e.job_id for e in enqueued],
@@ -93,14 +102,8 @@ def coverage() -> Response:
         raise BadRequestError("/jobs/coverage needs ?project=<id>")
     pid = parse_id(raw, "'project'")
     group_by = request.args.get("group_by")
-    try:
+    with _project_errors(pid):
         return jsonify(project_coverage(pid, group_by))
-    except (jobqueue.QueueUnavailableError, TransientJobError) as exc:
-        raise QueueDownError(str(exc)) from None
-    except UnknownProjectError as exc:
-        raise UnknownProjectError(f"unknown project {pid}: {exc}") from None
-    except ValueError as exc:
-        raise BadRequestError(str(exc)) from None
 
 
 @blueprint.get("/jobs/<job_id>")

@@ -14,29 +14,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..grouping import effective_rule, group_key, members
-from ..settings import parse_group_by
+from ..grouping import group_key, members
 from . import queue as jobqueue
-from .context import context, project_state, retrying
-from .enqueue import group_job_id
+from .enqueue import current_tasks, group_job_id
 
 
 def project_coverage(project_id: int, group_by: str | None = None) -> dict[str, Any]:
     """``{"project", "model_version", "tasks", "predicted", "missing", "groups": [{"group", "tasks",
     "predicted", "missing", "job", "job_status"}]}`` for the project's serving version. A task whose
     prediction versions Label Studio cut short is asked about on its own."""
-    arrived = time.monotonic()
-    ctx = context()
-    project = project_state(ctx, project_id, attempts=1)
-    rule = effective_rule(parse_group_by(group_by) if group_by is not None else project.group_by)
-    ctx.loader.require(timeout=60.0, model=project.model)
-    version = ctx.model.serving(project)[1]
-    tasks = retrying(
-        ctx,
-        f"listing the tasks of project {project_id}",
-        lambda: ctx.ls.project_tasks(project_id, refresh=True, since=arrived, sdk_retries=0),
-        attempts=1,
-    )
+    ctx, rule, version, tasks = current_tasks(project_id, group_by, time.monotonic())
     states = {st.task.id: st for st in ctx.ls.tasks_with_versions(project_id, [t.id for t in tasks])}
 
     def predicted(task_id: int) -> bool:

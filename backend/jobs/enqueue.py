@@ -17,11 +17,11 @@ import time
 from collections.abc import Iterable, Sequence
 
 from ..errors import quote
-from ..grouping import GroupKey, effective_rule, group_key, members
+from ..grouping import GroupKey, TaskRef, effective_rule, group_key, members
 from ..labelstudio.protocol import parse_id
 from ..settings import parse_group_by
 from . import queue as jobqueue
-from .context import context, project_state, retrying
+from .context import JobContext, context, project_state, retrying
 from .finetuning import enqueue_finetune, finetune_job_id
 from .prelabel import prelabel_group
 
@@ -39,6 +39,26 @@ def group_job_id(project_id: int, key: GroupKey, model_version: str, task_ids: I
     return f"prelabel-p{project_id}-{h.hexdigest()[:12]}-{model_version}"
 
 
+def current_tasks(
+    project_id: int, group_by: str | None, arrived: float
+) -> tuple[JobContext, str, str, list[TaskRef]]:
+    """For a request that arrived at ``arrived`` (``time.monotonic()``): the job context, the grouping rule
+    (``group_by`` or the project's), the version the project serves, and the project's tasks from a
+    listing that started after the request arrived. Fails fast: an HTTP request is waiting."""
+    ctx = context()
+    project = project_state(ctx, project_id, attempts=1)
+    rule = effective_rule(parse_group_by(group_by) if group_by is not None else project.group_by)
+    ctx.loader.require(timeout=60.0, model=project.model)
+    version = ctx.model.serving(project)[1]
+    tasks = retrying(
+        ctx,
+        f"listing the tasks of project {project_id}",
+        lambda: ctx.ls.project_tasks(project_id, refresh=True, since=arrived, sdk_retries=0),
+        attempts=1,
+    )
+    return ctx, rule, version, tasks
+
+
 def enqueue_prelabel(
     project_id: int, group_by: str | None = None, groups: Sequence[str | None] | None = None
 ) -> list[jobqueue.Enqueued]:
@@ -50,17 +70,7 @@ def enqueue_prelabel(
         isinstance(groups, str) or not all(g is None or isinstance(g, str) for g in groups)
     ):
         raise ValueError(f"groups must be a list of group names (strings or null), got {quote(groups)}")
-    ctx = context()
-    project = project_state(ctx, project_id, attempts=1)  # an HTTP request is waiting: fail fast
-    rule = effective_rule(parse_group_by(group_by) if group_by is not None else project.group_by)
-    ctx.loader.require(timeout=60.0, model=project.model)
-    version = ctx.model.serving(project)[1]
-    tasks = retrying(
-        ctx,
-        f"listing the tasks of project {project_id}",
-        lambda: ctx.ls.project_tasks(project_id, refresh=True, since=arrived, sdk_retries=0),
-        attempts=1,
-    )
+    ctx, rule, version, tasks = current_tasks(project_id, group_by, arrived)
     keys = sorted({group_key(t.data, rule) for t in tasks}, key=lambda k: (k.value is None, k.value or ""))
     if groups is not None:
         known = {k.value for k in keys}

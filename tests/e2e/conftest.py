@@ -179,9 +179,12 @@ def label_studio(ls_template: LSTemplate, tmp_path_factory: pytest.TempPathFacto
 
 
 @contextmanager
-def run_backend(ls_url: str, api_key: str, base: Path, **extra_env: str) -> Iterator[Server]:
+def run_backend(
+    ls_url: str, api_key: str, base: Path, *, loaded_only: bool = False, **extra_env: str
+) -> Iterator[Server]:
     """gunicorn serving ``backend.api.app:create_app()`` with the tiny backbone, one worker, four threads;
-    yields once /health answers 200 (backbone loaded)."""
+    yields once /health answers 200 (backbone loaded), or with ``loaded_only`` once it reports the pipeline
+    loaded whatever its status (with Redis down it answers 503 DEGRADED for good)."""
     base.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {
@@ -232,9 +235,12 @@ def run_backend(ls_url: str, api_key: str, base: Path, **extra_env: str) -> Iter
                     f"gunicorn exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}"
                 )
             try:
-                if requests.get(f"{url}/health", auth=auth, timeout=2).status_code == 200:
+                resp = requests.get(f"{url}/health", auth=auth, timeout=5)
+                if resp.status_code == 200 or (
+                    loaded_only and resp.status_code == 503 and (resp.json() or {}).get("pipeline_version")
+                ):
                     break
-            except requests.RequestException:
+            except (requests.RequestException, ValueError):
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the backend did not become ready within 180 s; log: {log}")

@@ -699,70 +699,6 @@ def brush_config(n_labels: int = 1, n_controls: int = 1) -> str:
 
 
 @contextmanager
-def run_backend(ls_url: str, api_key: str, base: Path, **extra_env: str) -> Iterator[Any]:
-    """The e2e conftest's gunicorn backend (tiny backbone, one worker, four threads), ready once ``/health``
-    reports the pipeline loaded: with Redis down it answers 503 (DEGRADED) for good, which the conftest's
-    ``run_backend`` would wait on forever."""
-    import subprocess
-
-    from tests.e2e.conftest import Server, stop
-
-    base.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "COSOD_", "BASIC_AUTH_"))
-    }
-    env.pop("REDIS_URL", None)
-    env.update(
-        {
-            "LABEL_STUDIO_URL": ls_url,
-            "LABEL_STUDIO_API_KEY": api_key,
-            "COSOD_BACKBONE": "tiny",
-            "XDG_CACHE_HOME": str(base / "cache"),
-            "LOG_LEVEL": "INFO",
-            **extra_env,
-        }
-    )
-    log = base / "backend.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--workers",
-        "1",
-        "--threads",
-        "4",
-    ]
-    cmd += ["--timeout", "0", "--chdir", str(REPO), "backend.api.app:create_app()"]
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    user, password = extra_env.get("BASIC_AUTH_USER"), extra_env.get("BASIC_AUTH_PASS")
-    auth = (user, password) if user and password else None
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"gunicorn exited with {proc.returncode}: {log.read_text(errors='replace')[-3000:]}"
-                )
-            try:
-                resp = requests.get(f"{url}/health", auth=auth, timeout=5)
-                if resp.status_code in (200, 503) and (resp.json() or {}).get("pipeline_version"):
-                    break
-            except (requests.RequestException, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the backend did not load its pipeline within 180 s; log: {log}")
-            time.sleep(0.3)
-        yield Server(url, log, proc)
-    finally:
-        stop(proc)
-
-
-@contextmanager
 def open_world(
     config: str,
     ls: Any,
@@ -774,7 +710,7 @@ def open_world(
     """Start the backend of ``config`` (``rq``, ``down`` or ``auth``) against Label Studio ``ls`` and prepare
     its projects; yields the :class:`World`. ``run_worker``: the e2e conftest's helper (the fine-tune case
     starts a worker with it)."""
-    from tests.e2e.conftest import TOKEN, USER
+    from tests.e2e.conftest import TOKEN, USER, run_backend
 
     base.mkdir(parents=True, exist_ok=True)
     files_root, outside = base / "files", base / "outside"
@@ -821,7 +757,7 @@ def open_world(
         stack.callback(canary.close)
         if cleanup is not None:
             stack.callback(cleanup)
-        server = stack.enter_context(run_backend(ls.url, TOKEN, base / "backend", **env))
+        server = stack.enter_context(run_backend(ls.url, TOKEN, base / "backend", loaded_only=True, **env))
         world = World(
             config=config,
             url=server.url,
