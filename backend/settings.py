@@ -38,11 +38,14 @@ Environment variables (primary name, then aliases) -> field, default:
   next queued group's) while the pipeline computes; 0 turns this off
 - COSOD_JOB_TIMEOUT -> job_timeout, 3600 s (one group's pre-annotation job)
 - COSOD_JOB_RESULT_TTL / COSOD_JOB_FAILURE_TTL -> how long finished / failed jobs are kept, 7 / 30 days
-- COSOD_JOB_RETRIES -> job_retries, 2 (re-runs of a job whose worker died or whose transient faults persisted)
+- COSOD_JOB_RETRIES -> job_retries, 2: re-runs of a job whose transient faults persisted (a run whose worker
+  died is re-run without using one, up to 10 deaths)
 - COSOD_JOB_ATTEMPTS / COSOD_JOB_BACKOFF -> tries of each Label Studio call within a job, 4, with
   exponential backoff starting at 2 s (2, 4, 8 s)
 - COSOD_WORKER_HEARTBEAT -> worker_heartbeat, 10 s: a worker silent for twice this (plus 1 s) is taken as
   dead and its job is re-queued
+- COSOD_REDIS_OUTAGE_WAIT -> redis_outage_wait, 600 s: how long a worker waits for an unreachable Redis, at
+  any point of a job, before it exits 1
 - COSOD_WORKER_GPU -> worker_gpu, unset: a worker uses the GPUs CUDA_VISIBLE_DEVICES shows it; auto: it
   claims one free GPU of its machine in Redis and shows itself only that one (replicas of one compose service)
 - COSOD_WORKERS_PER_GPU -> workers_per_gpu, 1 / COSOD_GPU_POOL -> gpu_pool, default (one name per machine
@@ -227,6 +230,7 @@ class Settings(BaseSettings):
     job_attempts: int = _env(4, "COSOD_JOB_ATTEMPTS", ge=1)
     job_backoff: float = _env(2.0, "COSOD_JOB_BACKOFF", ge=0)
     worker_heartbeat: int = _env(10, "COSOD_WORKER_HEARTBEAT", ge=1)
+    redis_outage_wait: float = _env(600.0, "COSOD_REDIS_OUTAGE_WAIT", ge=0)
     worker_gpu: str | None = _env(None, "COSOD_WORKER_GPU")
     workers_per_gpu: int = _env(1, "COSOD_WORKERS_PER_GPU", ge=1)
     gpu_pool: str = _env("default", "COSOD_GPU_POOL")

@@ -198,6 +198,38 @@ def test_health_checks_redis(make_client) -> None:
     assert ok.status_code == 200
     bad = make_client(redis_url="redis://127.0.0.1:1/0").get("/health")
     assert bad.status_code == 503 and bad.json["status"] == "DEGRADED" and "unreachable" in bad.json["redis"]
+    assert bad.json["batch_ready"] is False and "Redis is unreachable" in bad.json["batch"]
+
+
+def test_health_counts_live_workers_and_says_when_batch_jobs_cannot_run(make_client) -> None:
+    """/health counts the workers' liveness keys (they expire: a killed worker drops out) and
+    ``batch_ready`` says whether POST /jobs/prelabel can run now."""
+    import redis
+
+    from backend.jobs.rqueue import ALIVE_KEY
+
+    client = make_client(redis_url="redis://127.0.0.1:6379/15")
+    first = client.get("/health")
+    if first.json["redis"] != "ok":
+        pytest.skip(f"no Redis on 127.0.0.1:6379 ({first.json['redis']})")
+    r = redis.Redis.from_url("redis://127.0.0.1:6379/15")
+    r.flushdb()
+    try:
+        body = client.get("/health").json
+        assert body["workers"] == 0 and body["batch_ready"] is False and body["ready"] is True
+        assert "no cosod-worker is alive on queue 'cosod'" in body["batch"]
+        r.set(ALIVE_KEY.format(queue="cosod", name="w1"), "{}", px=1500)
+        r.set(ALIVE_KEY.format(queue="cosod", name="w2"), "{}", ex=60)
+        r.set(ALIVE_KEY.format(queue="cosod-other", name="w3"), "{}", ex=60)  # another queue's
+        r.set("rq:worker:ghost", "x")  # a record RQ left behind: not a heartbeat
+        body = client.get("/health").json
+        assert body["workers"] == 2 and body["batch_ready"] is True and body["batch"].startswith("2 worker")
+        time.sleep(1.6)
+        assert client.get("/health").json["workers"] == 1
+    finally:
+        r.flushdb()
+    in_process = make_client().get("/health").json
+    assert in_process["batch_ready"] is True and in_process["batch"] == "in-process"
 
 
 # -- /setup and model_version -------------------------------------------------------------------------

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from redis_server import cosod_worker
 
 from backend.errors import QueueUnavailableError
 from backend.jobs import queue as jobqueue
@@ -74,39 +72,8 @@ def q() -> Iterator[RQQueue]:
     _redis().flushdb()
 
 
-@contextmanager
-def worker(tmp_path: Path, name: str) -> Iterator[subprocess.Popen]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("COSOD_", "LABEL_STUDIO_"))}
-    env.update(
-        {
-            "REDIS_URL": URL,
-            "COSOD_QUEUE": QUEUE,
-            "COSOD_BACKBONE": "tiny",
-            "COSOD_WORKER_HEARTBEAT": "1",
-            "MODEL_DIR": str(tmp_path / "model"),
-            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]),
-        }
-    )
-    log = tmp_path / f"{name}.log"
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "backend.jobs.worker", "--name", name],
-            env=env,
-            cwd=REPO,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+def worker(tmp_path: Path, name: str) -> Any:
+    return cosod_worker(tmp_path, name, URL, QUEUE)
 
 
 def wait_for(q: RQQueue, job_id: str, statuses: tuple[str, ...], timeout: float = 60.0) -> Any:
@@ -152,6 +119,7 @@ def test_retries_then_give_up_and_cancel(q: RQQueue, tmp_path: Path) -> None:
         doomed = wait_for(q, "doomed", ("failed",))
         hopeless_info = wait_for(q, "hopeless", ("failed",))
     assert ok.result == "ok" and int(_redis().get("flaky")) == 2
+    assert ok.meta["attempt"] == 2 and "last_error" not in ok.meta  # the run that failed is not the outcome
     assert int(_redis().get("doomed")) == 2 and "ConnectionError: Label Studio is away" in doomed.error
     assert int(_redis().get("hopeless")) == 1
     assert hopeless_info.error == "no brush control in the label config"
@@ -174,17 +142,23 @@ def test_a_killed_workers_job_is_run_again_by_another(q: RQQueue, tmp_path: Path
     t0 = time.monotonic()
     with worker(tmp_path, "rescuer"):
         info = wait_for(q, "stall", ("finished",), timeout=60)
-    assert info.result == 2 and info.progress == {"done": 2, "total": 2} and info.retries_left == 1
+    assert info.result == 2 and info.progress == {"done": 2, "total": 2}
+    # the death is counted, and did not use a retry; the meta tells the second run apart from the first
+    assert info.retries_left == 2 and info.meta["deaths"] == 1 and info.meta["attempt"] == 2
+    assert "last_error" not in info.meta and info.error is None
     assert time.monotonic() - t0 < 45
 
 
 def test_a_killed_job_without_retries_can_be_asked_again_at_once(q: RQQueue, tmp_path: Path) -> None:
     """rq 3 still lists a killed worker's execution for 60 s after the execution's record expired, and its
     ``Job.delete`` then raised ``ValueError: Execution ... not found in Redis``: asking again for the failed
-    job answered 400 for a minute. The first assertions check that this layout is still rq's."""
+    job answered 400 for a minute. The first assertions check that this layout is still rq's. (A death is
+    re-run without using a retry up to MAX_DEATHS times; this job has used them all, so it fails.)"""
     from rq.executions import Execution, ExecutionRegistry
 
-    q.enqueue(sleepy, "runs", 120.0, job_id="once", **TTL)
+    from backend.jobs.rqueue import MAX_DEATHS
+
+    q.enqueue(sleepy, "runs", 120.0, job_id="once", meta={"deaths": MAX_DEATHS}, **TTL)
     kill_its_worker_mid_job(q, tmp_path, "once")
     with worker(tmp_path, "reaper"):
         assert wait_for(q, "once", ("failed",), timeout=30).retries_left in (None, 0)

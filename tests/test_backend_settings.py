@@ -49,6 +49,7 @@ TODAYS_DEFAULTS: dict[str, Any] = {
     "job_attempts": 4,
     "job_backoff": 2.0,
     "worker_heartbeat": 10,
+    "redis_outage_wait": 600.0,
     "worker_gpu": None,
     "workers_per_gpu": 1,
     "gpu_pool": "default",

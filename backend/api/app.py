@@ -24,6 +24,7 @@ from ..errors import BackendError, BadRequestError, quote, redact, redact_all
 from ..jobs.context import JobContext, install_context
 from ..jobs.enqueue import enqueue_finetune
 from ..jobs.finetuning import recover_finetunes
+from ..jobs.rqueue import count_alive
 from ..labelstudio.protocol import LEARNING_EVENTS, parse_id
 from ..metrics import CONTENT_TYPE, Metrics, VersionsCollector
 from ..prediction import build_model
@@ -43,13 +44,13 @@ class RedisProbe:
         self._client: Any = None
 
     def workers(self, queue_name: str) -> int | None:
-        """How many RQ workers listen on ``queue_name`` (None when Redis is not configured or down)."""
+        """How many ``cosod-worker`` processes of ``queue_name`` heartbeated within their heartbeat TTL
+        (None when Redis is not configured or down). RQ's own worker records live 7 minutes after a kill
+        and vanish with a Redis restart; the liveness keys expire (see :mod:`backend.jobs.worker`)."""
         if not self.url or self._client is None:
             return None
         try:
-            from rq import Queue, Worker
-
-            return int(Worker.count(queue=Queue(queue_name, connection=self._client)))
+            return count_alive(self._client, queue_name)
         except Exception:
             return None
 
@@ -179,8 +180,22 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
             "queue": "rq" if settings.redis_url else "in-process",
             "label_studio": settings.label_studio_url or "not configured",
         }
+        batch_reason = None
         if redis_state == "ok":
-            body["workers"] = redis_probe.workers(settings.queue_name)
+            workers = body["workers"] = redis_probe.workers(settings.queue_name)
+            if not workers:
+                batch_reason = (
+                    f"no cosod-worker is alive on queue {settings.queue_name!r}: batch jobs "
+                    "(POST /jobs/prelabel, fine-tunes) wait in the queue until one starts"
+                )
+        elif redis_state is not None:
+            batch_reason = "Redis is unreachable: batch jobs can be neither queued nor run"
+        elif loader.state != "ready":
+            batch_reason = "the pipeline is not loaded: in-process jobs wait for it"
+        body["batch_ready"] = batch_reason is None
+        body["batch"] = batch_reason or (
+            f"{body['workers']} worker(s) on queue {settings.queue_name!r}" if redis_state else "in-process"
+        )
         if loader.state == "ready":
             body["pipeline_version"] = getattr(loader.pipeline, "version_id", None)
             body["load_seconds"] = round(loader.load_seconds or 0.0, 3)

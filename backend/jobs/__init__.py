@@ -6,7 +6,9 @@
 - :mod:`.context`: what a job runs with, and Label Studio calls retried with backoff;
 - :mod:`.prelabel`: pre-annotation of a project, one job per group;
 - :mod:`.finetuning`: the fine-tune job of a project;
-- :mod:`.worker`: ``cosod-worker``, an RQ worker that loads the pipeline once; :mod:`.gpu`: GPU slots.
+- :mod:`.worker`: ``cosod-worker``, an RQ worker that loads the pipeline once; :mod:`.gpu`: GPU slots;
+  :mod:`.outage`: the worker's Redis connection, which waits out a Redis outage;
+- :mod:`.coverage`: which groups lack a prediction of the serving version (``GET /jobs/coverage``).
 
 RQ stores a job's function by dotted name. Jobs enqueued before this package existed name
 ``backend.jobs.prelabel_group`` and ``backend.jobs.finetune``; those names resolve here, so such jobs still

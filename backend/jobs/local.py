@@ -155,6 +155,7 @@ class InProcessQueue:
                     rec.retries_left -= 1
                     rec.status, rec.error = "queued", None
                     rec.meta["attempt"] = rec.meta.get("attempt", 1) + 1
+                    rec.meta["last_error"] = rec.meta.pop("error", None) or f"{type(exc).__name__}: {exc}"
                     self._pending.append(rec.id)
                     log.warning("job %s failed (%s: %s); retrying", rec.id, type(exc).__name__, exc)
                 else:
@@ -164,6 +165,8 @@ class InProcessQueue:
         else:
             with self._lock:
                 rec.status, rec.result, rec.ended_at = "finished", result, time.time()
+                rec.meta.pop("last_error", None)  # an earlier attempt's, or a retried call's: not the outcome
+                rec.meta.pop("error", None)
         finally:
             running_job.reset(token)
 

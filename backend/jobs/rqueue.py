@@ -24,6 +24,75 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
+ALIVE_KEY = "cosod:alive:{queue}:{name}"  # set by each live worker every heartbeat, with a TTL
+MAX_DEATHS = 10  # deaths after which a job's retries are no longer given back (the job may be the killer)
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def count_alive(connection: Any, queue_name: str, limit: int = 10_000) -> int:
+    """How many workers of ``queue_name`` heartbeated within their TTL (keys expire: none can go stale)."""
+    match = ALIVE_KEY.format(queue=_glob_escape(queue_name), name="*")
+    n = 0
+    for _ in connection.scan_iter(match=match, count=1000):
+        n += 1
+        if n >= limit:
+            break
+    return n
+
+
+DEATH_KEY = "cosod:death:{}"  # one per abandoned execution, so that its death is counted once
+
+
+def credit_deaths(connection: Any, queue: Any, now: float | None = None) -> int:
+    """:func:`credit_death` for each execution of ``queue``'s started registry whose heartbeat expired
+    before ``now``, once per execution whoever calls it (RQ's clean-up runs in every worker)."""
+    from rq.registry import StartedJobRegistry
+    from rq.utils import current_timestamp
+
+    registry = StartedJobRegistry(queue=queue)
+    entries = connection.zrangebyscore(registry.key, 0, current_timestamp() if now is None else now)
+    credited = 0
+    for raw in entries:
+        entry = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if connection.set(DEATH_KEY.format(entry), 1, nx=True, ex=7 * 24 * 3600):
+            credit_death(connection, registry.parse_job_id(raw))
+            credited += 1
+    return credited
+
+
+def credit_death(connection: Any, job_id: str) -> None:
+    """A started job whose worker stopped heartbeating: count the death in its meta and give back the retry
+    that RQ's clean-up is about to use, so that deaths never use up ``COSOD_JOB_RETRIES`` (up to
+    :data:`MAX_DEATHS`; not for a job being canceled or given up)."""
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job, JobStatus
+
+    try:
+        job = Job.fetch(job_id, connection=connection)
+    except (NoSuchJobError, ValueError, TypeError, KeyError, AttributeError):
+        return
+    if job.get_status(refresh=False) != JobStatus.STARTED:
+        return
+    meta = job.meta
+    deaths = int(meta.get("deaths", 0)) + 1
+    meta["deaths"] = deaths
+    meta["last_error"] = f"its worker died during run {meta.get('attempt', 1)} (death {deaths})"
+    given_up = meta.get("cancel_requested") or meta.get("permanent")
+    credit = deaths <= MAX_DEATHS and not given_up
+    job.save_meta()
+    if credit:
+        job.retries_left = (job.retries_left or 0) + 1
+        connection.hset(job.key, "retries_left", job.retries_left)
+    log.warning(
+        "job %s: its worker died (death %d)%s",
+        job_id,
+        deaths,
+        "; re-queued without using a retry" if credit else "",
+    )
+
 
 def _status(job: Any) -> str:
     """RQ's JobStatus enum (or None) as its plain value: queued, started, finished..."""
@@ -48,6 +117,7 @@ class RQRunning:
     def give_up(self, reason: str) -> None:
         self.job.retries_left = 0
         self.job.meta["error"] = reason
+        self.job.meta["permanent"] = True
         self.job.save_meta()
 
     def set_meta(self, values: dict[str, Any]) -> None:

@@ -17,6 +17,25 @@ registry expires ``2 * COSOD_WORKER_HEARTBEAT + 1`` s after the last one), and e
 moves expired entries back to the queue (or to failed when the job has no retries left); a Redis lock lets
 only one worker reap at a time. Several workers share ``COSOD_CACHE_DIR``: the feature cache writes with
 atomic renames.
+
+**A death is not a failure.** A job re-queued because its worker died gets its retry back (``deaths`` in its
+meta counts these), so ``COSOD_JOB_RETRIES`` counts only the runs that failed on their own; after
+:data:`MAX_DEATHS` deaths a job is treated as the cause (it may be what kills its workers) and its retries are
+no longer given back.
+
+**Redis outages.** The worker's connection waits out an outage of up to ``COSOD_REDIS_OUTAGE_WAIT`` s at any
+command (:mod:`backend.jobs.outage`): the job that was running goes on and ends once. The reaper does not
+reap until Redis has been back for a heartbeat TTL, so that live workers' heartbeats are renewed first. The
+worker exits 0 only when asked to stop (SIGTERM, ``--burst``); any other end of RQ's loop exits 1.
+
+**Liveness.** Every heartbeat, idle or busy, the worker sets ``cosod:alive:<queue>:<name>`` with a TTL of
+twice the heartbeat plus 1 s; ``/health`` counts these keys, so a killed worker drops out within that time
+and a Redis that restarted empty has every live worker back after one heartbeat. RQ's own worker record
+(what rq-dashboard lists) is written again when a restart lost it.
+
+**Attempts.** ``meta.attempt`` is the number of the job's current (or last) run, ``meta.deaths`` the runs
+whose worker died; a run's start clears the previous run's ``error`` and a finished job keeps no
+``last_error``.
 """
 
 from __future__ import annotations
@@ -31,13 +50,15 @@ import threading
 import uuid
 from typing import Any
 
-from ..errors import GPUClaimError
+from ..errors import GPUClaimError, redact_url
 from ..prediction.pipelines import PipelineFactory
 from ..settings import Settings
 from .context import JobContext, install_context
 from .finetuning import recover_finetunes
 from .gpu import claim_gpu, visible_gpus
-from .rqueue import redis_connection
+from .outage import STATE as OUTAGE
+from .outage import patient_connection
+from .rqueue import ALIVE_KEY, credit_deaths, redis_connection
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +72,28 @@ def worker_class(heartbeat: int) -> type:
     class CosodWorker(SimpleWorker):
         heartbeat_interval = heartbeat
 
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.record_lock = threading.Lock()  # register_death against _presence's re-registration
+            self.dead = False
+
+        def register_death(self) -> None:
+            with self.record_lock:
+                self.dead = True
+                super().register_death()
+
         def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
             return 2 * int(self.heartbeat_interval) + 1
+
+        def clean_registries(self) -> None:
+            """RQ's periodic clean-up (also at start) would fail a dead worker's job without giving back
+            its retry, and right after an outage would take live workers for dead: reap first, our way,
+            and leave RQ's clean-up for the next round when that could not happen now."""
+            if OUTAGE.quiet_for() <= 2 * self.heartbeat_interval + 1:
+                return
+            for queue in self.queues:
+                credit_deaths(self.connection, queue)
+            super().clean_registries()
 
         def execute_job(self, job: Any, queue: Any) -> None:
             execution = self.prepare_execution(job)
@@ -68,7 +109,9 @@ def worker_class(heartbeat: int) -> type:
             thread = threading.Thread(target=beat, name="cosod-heartbeat", daemon=True)
             thread.start()
             try:
-                self.perform_job(job, queue, execution)
+                begin_run(job)
+                if self.perform_job(job, queue, execution):
+                    end_run(job)
             finally:
                 stop.set()
                 thread.join(5)
@@ -77,23 +120,85 @@ def worker_class(heartbeat: int) -> type:
     return CosodWorker
 
 
-def reap_abandoned(connection: Any, queue_name: str, interval: int) -> bool:
-    """Re-queue (or fail) jobs of workers that stopped heartbeating; True when this process held the lock."""
+def begin_run(job: Any) -> None:
+    """A run starts: ``meta.attempt`` is its number; the previous run's ``error`` becomes ``last_error``."""
+    meta = job.get_meta(refresh=True)
+    runs = int(meta.get("runs", 0)) + 1
+    meta.update(runs=runs, attempt=runs)
+    if meta.get("error"):
+        meta["last_error"] = meta.pop("error")
+    job.save_meta()
+
+
+def end_run(job: Any) -> None:
+    """A run finished: no error of an earlier attempt or a retried call stays in its meta."""
+    meta = job.get_meta(refresh=True)
+    if "last_error" in meta or "error" in meta:
+        meta.pop("last_error", None)
+        meta.pop("error", None)
+        job.save_meta()
+
+
+def reap_abandoned(connection: Any, queue_name: str, interval: int, quiet: float = float("inf")) -> bool:
+    """Re-queue (or fail) jobs of workers that stopped heartbeating; True when this process held the lock.
+
+    ``quiet``: seconds since this process last saw Redis come back from an outage; nothing is reaped until
+    it exceeds the heartbeat TTL, so that every live worker renewed its heartbeat after the outage."""
     from rq import Queue
     from rq.registry import StartedJobRegistry
+    from rq.utils import current_timestamp
 
+    if quiet <= 2 * interval + 1:
+        return False
     if not connection.set(REAPER_LOCK.format(queue_name), os.getpid(), nx=True, ex=max(1, interval)):
         return False
-    StartedJobRegistry(queue=Queue(queue_name, connection=connection)).cleanup()
+    queue = Queue(queue_name, connection=connection)
+    now = current_timestamp()
+    credit_deaths(connection, queue, now)
+    StartedJobRegistry(queue=queue).cleanup(now)
     return True
 
 
 def _reaper(connection: Any, queue_name: str, interval: int, stop: threading.Event) -> None:
     while not stop.wait(interval):
         try:
-            reap_abandoned(connection, queue_name, interval)
+            reap_abandoned(connection, queue_name, interval, OUTAGE.quiet_for())
         except Exception as exc:
             log.warning("reaping abandoned jobs failed (retrying in %d s): %s", interval, exc)
+
+
+def _presence(worker: Any, queue_name: str, interval: int, stop: threading.Event) -> None:
+    """Keep this worker's liveness key (``/health`` counts them) and RQ's worker record alive."""
+    import json
+
+    from rq.worker_registration import REDIS_WORKER_KEYS
+
+    key = ALIVE_KEY.format(queue=queue_name, name=worker.name)
+    conn = worker.connection
+    while True:
+        try:
+            job_id = worker.get_current_job_id()
+            value = {"pid": os.getpid(), "host": socket.gethostname(), "job": job_id}
+            conn.set(key, json.dumps(value), ex=2 * interval + 1)
+            # RQ sets birth_date when its loop registers the worker; a record lost after that (a Redis
+            # restarted empty) is written again, so that rq-dashboard lists the worker
+            with worker.record_lock:
+                if (
+                    worker.birth_date is not None
+                    and not worker.dead
+                    and not conn.sismember(REDIS_WORKER_KEYS, worker.key)
+                ):
+                    conn.delete(worker.key)  # what RQ's heartbeats wrote back since: a partial record
+                    worker.register_birth()
+                    log.info("worker record %s written again (Redis lost it)", worker.key)
+        except Exception as exc:
+            log.warning("could not renew this worker's liveness key: %s", exc)
+        if stop.wait(interval):
+            break
+    try:
+        conn.delete(key)
+    except Exception:
+        pass
 
 
 def _stop_while_starting(signum: int, frame: Any) -> None:
@@ -123,11 +228,12 @@ def main(argv: list[str] | None = None, pipeline_factory: PipelineFactory | None
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
     )
     queue_name = args.queue or settings.queue_name
-    conn = redis_connection(settings.redis_url)
+    conn = patient_connection(settings.redis_url, settings.redis_outage_wait)
     try:
-        conn.ping()
+        redis_connection(settings.redis_url).ping()  # at start, unreachable is a configuration fault
     except Exception as exc:
-        print(f"cosod-worker: Redis at {settings.redis_url} is unreachable: {exc}", file=sys.stderr)
+        where = redact_url(settings.redis_url)
+        print(f"cosod-worker: Redis at {where} is unreachable: {redact_url(str(exc))}", file=sys.stderr)
         return 2
 
     name = args.name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
@@ -193,11 +299,21 @@ def _serve(
         target=_reaper, args=(conn, queue_name, settings.worker_heartbeat, stop), daemon=True
     )
     reaper.start()
+    presence = threading.Thread(
+        target=_presence, args=(worker, queue_name, settings.worker_heartbeat, stop), daemon=True
+    )
+    presence.start()
     try:
         worker.work(burst=burst, logging_level=settings.log_level, with_scheduler=False)
     finally:
         stop.set()
-    return 0
+        presence.join(5)
+    if burst or worker._stop_requested or worker._shutdown_requested_date is not None:
+        return 0
+    # RQ leaves its loop on its own only after an error it logged (e.g. Redis gone for longer than
+    # COSOD_REDIS_OUTAGE_WAIT): a failure, so that a supervisor restarting on failure restarts it.
+    print("cosod-worker: the worker loop ended on an error (see the log above); exiting 1", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":  # pragma: no cover
