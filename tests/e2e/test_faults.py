@@ -1,18 +1,18 @@
-"""Faults during batch pre-annotation: a worker killed mid-group, Label Studio stopped mid-job, and Redis
-restarted between jobs. Real processes throughout (Label Studio, gunicorn, cosod-worker, redis-server)."""
+"""Faults during batch pre-annotation: a worker killed mid-group, Label Studio stopped mid-job, Redis
+SIGKILLed during a group (with and without AOF) and restarted between jobs. Real processes throughout
+(Label Studio, gunicorn, cosod-worker, redis-server)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from redis_server import RedisServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -71,7 +71,9 @@ def test_a_worker_killed_mid_group_is_replaced_without_duplicates(
         with start_worker(tmp_path, wenv, name="rescuer"):
             info = wait_until(lambda: (j := job(api.url, job_id))["status"] in FINAL and j, 120, "the re-run")
     assert info["status"] == "finished", info
-    assert info["progress"] == {"done": 6, "total": 6} and info["retries_left"] == 1
+    # the death is counted apart and did not use a retry (COSOD_JOB_RETRIES counts failing runs only)
+    assert info["progress"] == {"done": 6, "total": 6} and info["retries_left"] == 2
+    assert info["meta"]["deaths"] == 1 and info["meta"]["attempt"] == 2
     result = info["result"]
     assert result["skipped"] >= 1 and result["pushed"] + result["skipped"] == 6, result
     assert counts(e2e, ls, project) == {t: 1 for t in task_group}
@@ -125,40 +127,6 @@ def test_label_studio_stopped_mid_job_fails_cleanly_and_keeps_finished_groups(
     assert {t for t, g in task_group.items() if g in done_groups} <= set(got), (done_groups, got)
 
 
-class RedisServer:
-    """A redis-server of the test's own on ``port`` (no persistence), which the test can restart."""
-
-    def __init__(self, port: int, base: Path):
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not installed")
-        self.cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self.port, self.base = port, base
-        self.proc: subprocess.Popen | None = None
-        base.mkdir(parents=True, exist_ok=True)
-
-    def start(self) -> None:
-        import redis
-
-        self.proc = subprocess.Popen(
-            self.cmd, cwd=self.base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        wait_until(lambda: _pings(client), 20, f"redis-server on port {self.port}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
-def _pings(client: Any) -> bool:
-    try:
-        return bool(client.ping())
-    except Exception:
-        return False
-
-
 def test_api_and_workers_reconnect_after_a_redis_restart(
     label_studio: Any, tmp_path: Path, start_backend: Any, start_worker: Any, e2e: Any
 ) -> None:
@@ -177,12 +145,11 @@ def test_api_and_workers_reconnect_after_a_redis_restart(
             f"the jobs of project {project}",
         )
 
-    server = RedisServer(port, tmp_path / "redis")
-    server.start()
+    server = RedisServer(tmp_path / "redis", aof=False, port=port).start()
     try:
         with start_backend(ls.url, e2e.TOKEN, tmp_path / "api", **env) as api, start_worker(tmp_path, wenv):
             assert all(j["status"] == "finished" for j in run_all(api, first))
-            server.stop()
+            server.kill()
             health = requests.get(f"{api.url}/health", timeout=30)
             assert health.status_code == 503 and "unreachable" in health.json()["redis"]
             server.start()
@@ -196,3 +163,70 @@ def test_api_and_workers_reconnect_after_a_redis_restart(
         server.stop()
     assert counts(e2e, ls, first) == {t: 1 for t in first_tasks}
     assert counts(e2e, ls, second) == {t: 1 for t in second_tasks}
+
+
+@pytest.mark.parametrize("aof", [True, False], ids=["aof", "no-persistence"])
+def test_redis_killed_during_a_group(
+    aof: bool, label_studio: Any, tmp_path: Path, start_backend: Any, start_worker: Any, e2e: Any
+) -> None:
+    """Redis SIGKILLed while a group computes, back 3 s later. The worker waits, goes on and ends the group
+    once; nobody restarts anything. With AOF every job survives; without persistence the queued group's job
+    is gone, ``GET /jobs/coverage`` names that group, and asking again completes it. Either way: one
+    prediction per task, the worker alive and counted by /health."""
+    ls = label_studio
+    server = RedisServer(tmp_path / "redis", aof=aof).start()
+    env = {
+        "REDIS_URL": server.url,
+        "MODEL_DIR": str(tmp_path / "model"),
+        "COSOD_MAX_GROUP_IMAGES": "4",
+        "COSOD_MAX_REFS": "2",
+    }
+    wenv = {**env, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": e2e.TOKEN}
+    project, task_group = e2e.create_grouped_project(ls, {"first": 6, "second": 2}, title=f"redis dies {aof}")
+    try:
+        with (
+            start_backend(ls.url, e2e.TOKEN, tmp_path / "api", **env) as api,
+            start_worker(tmp_path, wenv, slow_s=1.5, name="w") as worker,
+        ):
+            ids = prelabel(api.url, project)["jobs"]
+            running = wait_until(
+                lambda: next(
+                    (i for i in ids if (job(api.url, i).get("progress") or {}).get("done", 0) > 0), None
+                ),
+                120,
+                "a group in progress",
+            )
+            server.kill()
+            time.sleep(3.0)
+            server.start()
+            t_back = time.monotonic()
+            info = wait_until(
+                lambda: (j := job(api.url, running)).get("status") == "finished" and j, 120, "the group"
+            )
+            recovered = time.monotonic() - t_back
+            assert worker.poll() is None, "the worker is alive"
+            assert info["meta"]["attempt"] == 1 and not info["meta"].get("deaths"), info["meta"]
+            if not aof:  # the queued group's job died with Redis: coverage says so, asking again redoes it
+                cov = requests.get(f"{api.url}/jobs/coverage", params={"project": project}, timeout=60).json()
+                assert cov["missing"] >= 1 and any(g["job_status"] == "missing" for g in cov["groups"]), cov
+                ids = prelabel(api.url, project)["jobs"]
+            final = wait_until(
+                lambda: (
+                    (js := [job(api.url, i) for i in ids]) and all(j["status"] in FINAL for j in js) and js
+                ),
+                120,
+                "every group",
+            )
+            assert all(j["status"] == "finished" for j in final), final
+            health = wait_until(
+                lambda: (h := requests.get(f"{api.url}/health", timeout=10).json()).get("workers") == 1 and h,
+                10,
+                "/health counting the worker",
+            )
+            assert health["batch_ready"] is True
+            cov = requests.get(f"{api.url}/jobs/coverage", params={"project": project}, timeout=60).json()
+            assert cov["missing"] == 0, cov
+    finally:
+        server.stop()
+    assert counts(e2e, ls, project) == {t: 1 for t in task_group}
+    print(f"\n[{'aof' if aof else 'none'}] the group finished {recovered:.2f} s after Redis came back")
