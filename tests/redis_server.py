@@ -133,3 +133,17 @@ def cosod_worker(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+def stall_first_run(runs: int, seconds: float) -> int:
+    """The body of the test jobs that get killed: report progress for ``seconds`` when ``runs`` (the run's
+    number, counted by the job) is 1, so the test can kill something mid-job; later runs end at once."""
+    from backend.jobs import queue as jobqueue
+
+    deadline = time.monotonic() + (seconds if runs == 1 else 0.0)
+    jobqueue.report_progress(0, 2)
+    while time.monotonic() < deadline:
+        jobqueue.report_progress(1, 2)
+        time.sleep(0.05)
+    jobqueue.report_progress(2, 2)
+    return runs

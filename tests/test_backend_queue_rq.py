@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis_server import cosod_worker
+from redis_server import cosod_worker, stall_first_run
 
 from backend.errors import QueueUnavailableError
 from backend.jobs import queue as jobqueue
@@ -51,14 +51,7 @@ def hopeless(key: str) -> None:
 
 def sleepy(key: str, seconds: float) -> int:
     """The first run stalls (so it can be killed); later runs finish at once. Returns the run count."""
-    runs = int(_redis().incr(key))
-    deadline = time.monotonic() + (seconds if runs == 1 else 0)
-    jobqueue.report_progress(0, 2)
-    while time.monotonic() < deadline:
-        jobqueue.report_progress(1, 2)
-        time.sleep(0.05)
-    jobqueue.report_progress(2, 2)
-    return runs
+    return stall_first_run(int(_redis().incr(key)), seconds)
 
 
 @pytest.fixture

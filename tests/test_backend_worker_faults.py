@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis_server import RedisServer, cosod_worker
+from redis_server import RedisServer, cosod_worker, stall_first_run
 
-from backend.jobs import queue as jobqueue
 from backend.jobs.rqueue import RQQueue, count_alive
 
 pytestmark = pytest.mark.slow
@@ -33,14 +32,7 @@ def marked(marker: str, seconds: float) -> int:
     reports progress for ``seconds`` on its first run only. Returns the number of runs."""
     with open(marker, "a") as fh:
         fh.write("run\n")
-    runs = len(Path(marker).read_text().splitlines())
-    deadline = time.monotonic() + (seconds if runs == 1 else 0.0)
-    jobqueue.report_progress(0, 2)
-    while time.monotonic() < deadline:
-        jobqueue.report_progress(1, 2)
-        time.sleep(0.05)
-    jobqueue.report_progress(2, 2)
-    return runs
+    return stall_first_run(len(Path(marker).read_text().splitlines()), seconds)
 
 
 def wait_until(what: str, check: Any, timeout: float, every: float = 0.05) -> Any:

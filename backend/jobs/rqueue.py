@@ -334,7 +334,8 @@ class RQQueue:
                 q.failed_job_registry,
                 q.canceled_job_registry,
             ):
-                ids.extend(registry.get_job_ids())
+                # cleanup=False: listing never reaps; the workers' reaper does, counting deaths apart
+                ids.extend(registry.get_job_ids(cleanup=False))
             unique = list(dict.fromkeys(ids))
             jobs = Job.fetch_many(unique, connection=self.connection)
             out = [self._info(j) for j in jobs if j is not None]
