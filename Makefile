@@ -11,6 +11,8 @@ LOCK := requirements.txt
 LS_LOCK := requirements/label-studio.txt
 # The Docker image installs DEPLOY_LOCK: runtime and backend only, at LOCK's pins.
 DEPLOY_LOCK := requirements/deploy.txt
+# The compose stack's rq-dashboard image installs DASHBOARD_LOCK (its rq and redis at LOCK's pins).
+DASHBOARD_LOCK := requirements/rq-dashboard.txt
 LOCK_FLAGS := --quiet --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	--custom-compile-command 'make lock'
 
@@ -26,7 +28,7 @@ export COSOD_BACKBONE
 LS_VENV ?= .venv-ls
 export LS_BIN ?= $(abspath $(LS_VENV))/bin/label-studio
 
-.PHONY: install run worker test test-latest lock lint typecheck bench clean ls-venv
+.PHONY: install run worker test test-latest test-compose lock lint typecheck bench clean ls-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +73,7 @@ lock: | $(BIN)/python
 		$(LOCK_FLAGS) $(if $(UPGRADE),--upgrade) -o $(LOCK)
 	$(BIN)/uv pip compile pyproject.toml requirements/build.in --extra backend -c $(LOCK) $(LOCK_FLAGS) -o $(DEPLOY_LOCK)
 	$(BIN)/uv pip compile requirements/label-studio.in $(LOCK_FLAGS) $(if $(UPGRADE),--upgrade) -o $(LS_LOCK)
+	$(BIN)/uv pip compile requirements/rq-dashboard.in -c $(LOCK) $(LOCK_FLAGS) -o $(DASHBOARD_LOCK)
 
 # The whole suite on the newest releases that pyproject.toml's ranges allow (no lock), in a throw-away venv.
 # What it resolved is in $(LATEST_VENV)/resolved.txt; the lines that differ from the lock are printed first.
@@ -83,6 +86,13 @@ test-latest: ls-venv
 	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable > $(LATEST_VENV)/resolved.txt
 	$(LATEST_VENV)/bin/python requirements/newer.py $(LOCK) $(LATEST_VENV)/resolved.txt
 	COSOD_TEST_UNLOCKED=1 $(LATEST_VENV)/bin/python -m pytest -q
+
+# The production path for real (tests/compose/smoke.py): builds the images, starts docker-compose.yml's CPU
+# stack (stand-ins for the images no registry here serves), pre-annotates a project through the worker
+# container, checks that down/up keeps MODEL_DIR, and removes everything it started. Needs docker.io,
+# docker-compose and debootstrap (apt) and root to start a dockerd when none runs.
+test-compose: install
+	$(BIN)/python tests/compose/smoke.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -57,7 +57,12 @@ def test_packages_whose_internals_we_use_stay_below_their_next_major(name: str) 
 
 
 def test_every_lock_line_is_hashed() -> None:
-    for name in ("requirements.txt", "requirements/deploy.txt", "requirements/label-studio.txt"):
+    for name in (
+        "requirements.txt",
+        "requirements/deploy.txt",
+        "requirements/label-studio.txt",
+        "requirements/rq-dashboard.txt",
+    ):
         text = (REPO / name).read_text()
         entries = re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 1)[1])
         for entry in entries:
@@ -73,6 +78,22 @@ def test_the_image_installs_the_locks_pins() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     assert "pip install --require-hashes --no-deps -r requirements/deploy.txt" in dockerfile
     assert "pip install --no-deps --no-build-isolation ." in dockerfile
+    # the final stage gets the finished venv, not the compilers; the base image is pinned and replaceable
+    final = dockerfile.rsplit("\nFROM ", 1)[1]
+    assert "build-essential" not in final and "COPY --from=build /opt/venv /opt/venv" in final
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11\.\d+-slim-bookworm$", dockerfile, re.M)
+
+
+def test_the_compose_stack_pins_every_image_and_its_dashboard_runs_the_locks_rq() -> None:
+    import yaml
+
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    for name, svc in services.items():  # what is pulled has a release tag; the project's images are built
+        repo, _, tag = svc["image"].partition(":")
+        assert re.fullmatch(r"\d+\.\d+\.\d+(-\w+)?", tag) or repo.startswith("cosod-"), (name, tag)
+    lock, dashboard = pins("requirements.txt"), pins("requirements/rq-dashboard.txt")
+    assert dashboard["rq"] == lock["rq"] and dashboard["redis"] == lock["redis"]
+    assert "requirements/rq-dashboard.txt" in (REPO / "docker/rq-dashboard.Dockerfile").read_text()
 
 
 def test_label_studio_for_the_end_to_end_tests_is_locked() -> None:
