@@ -230,7 +230,7 @@ class Settings(BaseSettings):
     job_attempts: int = _env(4, "COSOD_JOB_ATTEMPTS", ge=1)
     job_backoff: float = _env(2.0, "COSOD_JOB_BACKOFF", ge=0)
     worker_heartbeat: int = _env(10, "COSOD_WORKER_HEARTBEAT", ge=1)
-    redis_outage_wait: float = _env(600.0, "COSOD_REDIS_OUTAGE_WAIT", ge=0)
+    redis_outage_wait: float = _env(600.0, "COSOD_REDIS_OUTAGE_WAIT", ge=1)
     worker_gpu: str | None = _env(None, "COSOD_WORKER_GPU")
     workers_per_gpu: int = _env(1, "COSOD_WORKERS_PER_GPU", ge=1)
     gpu_pool: str = _env("default", "COSOD_GPU_POOL")

@@ -206,7 +206,7 @@ def test_health_counts_live_workers_and_says_when_batch_jobs_cannot_run(make_cli
     ``batch_ready`` says whether POST /jobs/prelabel can run now."""
     import redis
 
-    from backend.jobs.rqueue import ALIVE_KEY
+    from backend.jobs.rqueue import mark_alive
 
     client = make_client(redis_url="redis://127.0.0.1:6379/15")
     first = client.get("/health")
@@ -218,10 +218,10 @@ def test_health_counts_live_workers_and_says_when_batch_jobs_cannot_run(make_cli
         body = client.get("/health").json
         assert body["workers"] == 0 and body["batch_ready"] is False and body["ready"] is True
         assert "no cosod-worker is alive on queue 'cosod'" in body["batch"]
-        r.set(ALIVE_KEY.format(queue="cosod", name="w1"), "{}", px=1500)
-        r.set(ALIVE_KEY.format(queue="cosod", name="w2"), "{}", ex=60)
-        r.set(ALIVE_KEY.format(queue="cosod-other", name="w3"), "{}", ex=60)  # another queue's
-        r.set("rq:worker:ghost", "x")  # a record RQ left behind: not a heartbeat
+        mark_alive(r, "cosod", "w1", 1.5)
+        mark_alive(r, "cosod", "w2", 60)
+        mark_alive(r, "cosod:other", "w3", 60)  # another queue's
+        r.sadd("rq:workers", "rq:worker:ghost")  # a record RQ left behind: not a heartbeat
         body = client.get("/health").json
         assert body["workers"] == 2 and body["batch_ready"] is True and body["batch"].startswith("2 worker")
         time.sleep(1.6)

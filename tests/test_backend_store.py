@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -273,3 +274,25 @@ def test_ls_time() -> None:
     assert ls_time("2026-11-22T10:00:00") == 1795341600.0  # naive: UTC
     assert ls_time("2026-11-22T10:00:00.500000Z") == 1795341600.5
     assert ls_time("") is None and ls_time("yesterday") is None and ls_time("9" * 100) is None
+
+
+def _open_store(root: str, go: Any) -> None:
+    go.wait(30)
+    Store(root)
+
+
+def test_processes_opening_a_new_model_dir_together_all_start(tmp_path: Path) -> None:
+    """Workers started together on a new MODEL_DIR race for the switch to WAL, which SQLite refuses at once
+    ("database is locked") instead of waiting: one of two compose workers used to die at start."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(10):
+        root, go = str(tmp_path / f"m{round_}"), ctx.Event()
+        procs = [ctx.Process(target=_open_store, args=(root, go)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        go.set()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0] * 6

@@ -163,3 +163,35 @@ def test_deaths_do_not_use_up_retries(tmp_path: Path) -> None:
         server.stop()
     assert info.meta["deaths"] == 3 and info.meta["attempt"] == 4 and info.retries_left == 2
     assert "last_error" not in info.meta
+
+
+def test_a_death_reaped_by_someone_else_is_still_counted(tmp_path: Path) -> None:
+    """rq-dashboard's pages run RQ's own registry clean-up, which re-queues a dead worker's job using a
+    retry. The next run's start sees the previous run never ended, counts the death and gives it back."""
+    from rq import Queue
+    from rq.registry import StartedJobRegistry
+
+    server = RedisServer(tmp_path / "redis", aof=False).start()
+    q = RQQueue(server.url, QUEUE)
+    marker = tmp_path / "marker"
+    try:
+        q.enqueue(marked, str(marker), 600.0, job_id="reaped", retries=1, **TTL)
+        with cosod_worker(tmp_path, "doomed", server.url, QUEUE) as proc:
+            wait_until("the run starts", lambda: runs(marker) == 1, 60)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        registry = StartedJobRegistry(queue=Queue(QUEUE, connection=q.connection))
+        wait_until(
+            "RQ's own clean-up re-queues it",
+            lambda: registry.cleanup() or q.fetch("reaped").status == "queued",
+            10,
+        )
+        assert q.fetch("reaped").retries_left == 0  # RQ used the retry
+        with cosod_worker(tmp_path, "rescuer", server.url, QUEUE):
+            info = wait_until(
+                "the job finishes", lambda: (i := q.fetch("reaped")) and i.status == "finished" and i, 60
+            )
+    finally:
+        server.stop()
+    assert info.meta["deaths"] == 1 and info.meta["attempt"] == 2 and info.retries_left == 1
+    assert "running" not in info.meta and "last_error" not in info.meta

@@ -183,7 +183,9 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
         batch_reason = None
         if redis_state == "ok":
             workers = body["workers"] = redis_probe.workers(settings.queue_name)
-            if not workers:
+            if workers is None:
+                batch_reason = "the live workers could not be counted (Redis answered the ping, then not)"
+            elif not workers:
                 batch_reason = (
                     f"no cosod-worker is alive on queue {settings.queue_name!r}: batch jobs "
                     "(POST /jobs/prelabel, fine-tunes) wait in the queue until one starts"

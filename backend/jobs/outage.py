@@ -15,8 +15,10 @@ keeps its data (AOF, the compose file's setting) the job's record is intact; wit
 the job writes its whole record back when it ends, and the jobs still queued are gone (``GET
 /jobs/coverage`` shows what they left undone; asking again redoes it).
 
-Only after ``COSOD_REDIS_OUTAGE_WAIT`` seconds of one unbroken outage does the error reach RQ; the worker then
-exits with status 1 (see :mod:`backend.jobs.worker`), for its supervisor to restart it.
+Only after ``COSOD_REDIS_OUTAGE_WAIT`` seconds of one unbroken outage (one clock per process, so nested and
+later calls do not start their own) does the error reach RQ; a worker in a job then exits with status 1
+(see :mod:`backend.jobs.worker`), for its supervisor to restart it. An idle worker keeps waiting: RQ's
+dequeue loop retries on its own, and it has nothing to lose.
 
 Why a subclass rather than redis-py's ``Retry(backoff, retries)``: that one counts tries, not time, and says
 nothing when it starts or stops waiting; the worker needs "wait up to N seconds, and log it".
@@ -69,6 +71,11 @@ class OutageState:
                 log.warning("Redis is back after %.1f s", now - self.since)
                 self.since, self.last_ended = None, now
 
+    def waited(self) -> float:
+        """Seconds since the current outage began (0 when there is none)."""
+        since = self.since
+        return 0.0 if since is None else time.monotonic() - since
+
     def quiet_for(self) -> float:
         """Seconds since the last outage ended (infinite when there was none); 0 during one."""
         with self._lock:
@@ -105,7 +112,6 @@ class OutageRetry(Retry):
         with_failure_count: bool = False,
     ) -> T:
         self._backoff.reset()
-        started: float | None = None
         failures = 0
         while True:
             try:
@@ -118,13 +124,14 @@ class OutageRetry(Retry):
                     fail(exc, failures)
                 else:
                     fail(exc)
-                now = time.monotonic()
-                started = now if started is None else started
+                # one clock per outage, shared by every call of the process (nested ones included: a
+                # command's health check, RQ's teardown after a job gave up): past the deadline each
+                # call fails at its first error, so the worker exits about COSOD_REDIS_OUTAGE_WAIT after
+                # the outage began
                 self.state.failed(exc)
-                if now - started >= self.wait:
-                    log.error(
-                        "Redis unreachable for %.0f s (COSOD_REDIS_OUTAGE_WAIT): giving up", now - started
-                    )
+                waited = self.state.waited()
+                if waited >= self.wait:
+                    log.error("Redis unreachable for %.0f s (COSOD_REDIS_OUTAGE_WAIT): giving up", waited)
                     raise
                 time.sleep(min(self._cap, self._base * 2 ** min(failures - 1, 16)))
                 continue
@@ -139,7 +146,9 @@ def patient_connection(url: str, wait: float) -> Any:
     return redis.Redis.from_url(
         url,
         socket_connect_timeout=2,
-        socket_timeout=30,
+        # above RQ's blocking dequeue (worker TTL 420 s - 15 s): RQ raises the pool's timeout to 415 s only
+        # when the worker is built, after the GPU claim may have opened a connection with this one
+        socket_timeout=430,
         socket_keepalive=True,
         health_check_interval=10,
         retry=OutageRetry(wait),

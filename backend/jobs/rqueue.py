@@ -24,23 +24,40 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
-ALIVE_KEY = "cosod:alive:{queue}:{name}"  # set by each live worker every heartbeat, with a TTL
+ALIVE_KEY = "cosod:alive:{queue}"  # sorted set: worker name -> the time its liveness mark expires
 MAX_DEATHS = 10  # deaths after which a job's retries are no longer given back (the job may be the killer)
 
 
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+def _redis_now(connection: Any) -> float:
+    """Redis's clock: workers and the API on different machines agree on it."""
+    seconds, micros = connection.time()
+    return float(seconds) + float(micros) / 1e6
 
 
-def count_alive(connection: Any, queue_name: str, limit: int = 10_000) -> int:
-    """How many workers of ``queue_name`` heartbeated within their TTL (keys expire: none can go stale)."""
-    match = ALIVE_KEY.format(queue=_glob_escape(queue_name), name="*")
-    n = 0
-    for _ in connection.scan_iter(match=match, count=1000):
-        n += 1
-        if n >= limit:
-            break
-    return n
+def mark_alive(connection: Any, queue_name: str, name: str, ttl: float) -> None:
+    """This worker is alive for ``ttl`` more seconds (renewed every heartbeat)."""
+    key = ALIVE_KEY.format(queue=queue_name)
+    deadline = _redis_now(connection) + ttl
+    with connection.pipeline(transaction=False) as pipe:
+        pipe.zadd(key, {name: deadline})
+        pipe.expire(key, max(60, int(ttl) * 10))  # an abandoned queue's set goes away
+        pipe.execute()
+
+
+def unmark_alive(connection: Any, queue_name: str, name: str) -> None:
+    connection.zrem(ALIVE_KEY.format(queue=queue_name), name)
+
+
+def count_alive(connection: Any, queue_name: str) -> int:
+    """How many workers of ``queue_name`` marked themselves alive within their TTL: expired marks are
+    dropped and never counted, so a killed worker cannot linger; the cost is that of the workers, not of
+    the database."""
+    key = ALIVE_KEY.format(queue=queue_name)
+    now = _redis_now(connection)
+    with connection.pipeline(transaction=False) as pipe:
+        pipe.zremrangebyscore(key, "-inf", now)
+        pipe.zcount(key, now, "+inf")
+        return int(pipe.execute()[1])
 
 
 DEATH_KEY = "cosod:death:{}"  # one per abandoned execution, so that its death is counted once
@@ -63,10 +80,11 @@ def credit_deaths(connection: Any, queue: Any, now: float | None = None) -> int:
     return credited
 
 
-def credit_death(connection: Any, job_id: str) -> None:
-    """A started job whose worker stopped heartbeating: count the death in its meta and give back the retry
-    that RQ's clean-up is about to use, so that deaths never use up ``COSOD_JOB_RETRIES`` (up to
-    :data:`MAX_DEATHS`; not for a job being canceled or given up)."""
+def credit_death(connection: Any, job_id: str, requeued: bool = False) -> None:
+    """A job whose worker stopped heartbeating: count the death in its meta and give back the retry that
+    RQ's re-queue uses (``requeued``: it already did, from a clean-up that did not count it), so that
+    deaths never use up ``COSOD_JOB_RETRIES``, up to :data:`MAX_DEATHS`. A job being canceled or given up
+    gets no retry: its ``retries_left`` is set to 0 in Redis (the worker that set it died)."""
     from rq.exceptions import NoSuchJobError
     from rq.job import Job, JobStatus
 
@@ -74,23 +92,25 @@ def credit_death(connection: Any, job_id: str) -> None:
         job = Job.fetch(job_id, connection=connection)
     except (NoSuchJobError, ValueError, TypeError, KeyError, AttributeError):
         return
-    if job.get_status(refresh=False) != JobStatus.STARTED:
+    if not requeued and job.get_status(refresh=False) != JobStatus.STARTED:
         return
     meta = job.meta
     deaths = int(meta.get("deaths", 0)) + 1
     meta["deaths"] = deaths
+    meta.pop("running", None)  # counted: the next run's start must not count it again
     meta["last_error"] = f"its worker died during run {meta.get('attempt', 1)} (death {deaths})"
     given_up = meta.get("cancel_requested") or meta.get("permanent")
     credit = deaths <= MAX_DEATHS and not given_up
     job.save_meta()
-    if credit:
-        job.retries_left = (job.retries_left or 0) + 1
-        connection.hset(job.key, "retries_left", job.retries_left)
+    if given_up:
+        connection.hset(job.key, "retries_left", 0)
+    elif credit:
+        connection.hset(job.key, "retries_left", (job.retries_left or 0) + 1)
     log.warning(
         "job %s: its worker died (death %d)%s",
         job_id,
         deaths,
-        "; re-queued without using a retry" if credit else "",
+        "; it runs again without using a retry" if credit else "",
     )
 
 

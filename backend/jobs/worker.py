@@ -28,9 +28,10 @@ command (:mod:`backend.jobs.outage`): the job that was running goes on and ends 
 reap until Redis has been back for a heartbeat TTL, so that live workers' heartbeats are renewed first. The
 worker exits 0 only when asked to stop (SIGTERM, ``--burst``); any other end of RQ's loop exits 1.
 
-**Liveness.** Every heartbeat, idle or busy, the worker sets ``cosod:alive:<queue>:<name>`` with a TTL of
-twice the heartbeat plus 1 s; ``/health`` counts these keys, so a killed worker drops out within that time
-and a Redis that restarted empty has every live worker back after one heartbeat. RQ's own worker record
+**Liveness.** Every heartbeat, idle or busy, the worker marks itself alive until twice the heartbeat plus
+1 s from now (a member of the sorted set ``cosod:alive:<queue>``, scored by that deadline); ``/health``
+counts the unexpired marks, so a killed worker drops out within that time and a Redis that restarted empty
+has every live worker back after one heartbeat. RQ's own worker record
 (what rq-dashboard lists) is written again when a restart lost it.
 
 **Attempts.** ``meta.attempt`` is the number of the job's current (or last) run, ``meta.deaths`` the runs
@@ -58,7 +59,7 @@ from .finetuning import recover_finetunes
 from .gpu import claim_gpu, visible_gpus
 from .outage import STATE as OUTAGE
 from .outage import patient_connection
-from .rqueue import ALIVE_KEY, credit_deaths, redis_connection
+from .rqueue import credit_death, credit_deaths, mark_alive, redis_connection, unmark_alive
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,17 @@ def worker_class(heartbeat: int) -> type:
                 credit_deaths(self.connection, queue)
             super().clean_registries()
 
+        def handle_job_failure(self, job: Any, *args: Any, **kwargs: Any) -> Any:
+            # before RQ re-queues it: another worker may start the retry at once, and must not take this
+            # (failed, not dead) run for a death
+            try:
+                job.get_meta(refresh=True)
+                if job.meta.pop("running", None) is not None:
+                    job.save_meta()
+            except Exception as exc:
+                log.warning("job %s: could not clear its running mark: %s", job.id, exc)
+            return super().handle_job_failure(job, *args, **kwargs)
+
         def execute_job(self, job: Any, queue: Any) -> None:
             execution = self.prepare_execution(job)
             stop = threading.Event()
@@ -110,8 +122,7 @@ def worker_class(heartbeat: int) -> type:
             thread.start()
             try:
                 begin_run(job)
-                if self.perform_job(job, queue, execution):
-                    end_run(job)
+                end_run(job, finished=self.perform_job(job, queue, execution))
             finally:
                 stop.set()
                 thread.join(5)
@@ -121,22 +132,40 @@ def worker_class(heartbeat: int) -> type:
 
 
 def begin_run(job: Any) -> None:
-    """A run starts: ``meta.attempt`` is its number; the previous run's ``error`` becomes ``last_error``."""
+    """A run starts: ``meta.attempt`` is its number; the previous run's ``error`` becomes ``last_error``.
+
+    ``meta.running`` stays set until the run ends (:func:`end_run`, success or failure). Found still set, the
+    previous run's worker died and whoever re-queued the job (RQ's own clean-up, run by rq-dashboard's pages
+    too) did not count it (:func:`credit_death` clears it): the death is counted and its retry given back
+    here."""
     meta = job.get_meta(refresh=True)
+    if meta.get("running"):
+        credit_death(job.connection, job.id, requeued=True)
+        meta = job.get_meta(refresh=True)
+        job.retries_left = _stored_retries(job)
     runs = int(meta.get("runs", 0)) + 1
-    meta.update(runs=runs, attempt=runs)
+    meta.update(runs=runs, attempt=runs, running=True)
     if meta.get("error"):
         meta["last_error"] = meta.pop("error")
     job.save_meta()
 
 
-def end_run(job: Any) -> None:
-    """A run finished: no error of an earlier attempt or a retried call stays in its meta."""
-    meta = job.get_meta(refresh=True)
-    if "last_error" in meta or "error" in meta:
+def _stored_retries(job: Any) -> int | None:
+    raw = job.connection.hget(job.key, "retries_left")
+    return None if raw is None else int(raw)
+
+
+def end_run(job: Any, finished: bool) -> None:
+    """A run ended (its worker lives): ``running`` is cleared; a finished job keeps no error of an earlier
+    attempt or a retried call. What the job wrote stays even when Redis lost it (an empty restart during
+    the run): the meta in this process and the stored one are merged, the stored one winning."""
+    local = dict(job.meta or {})
+    meta = job.meta = {**local, **job.get_meta(refresh=True)}
+    meta.pop("running", None)
+    if finished:
         meta.pop("last_error", None)
         meta.pop("error", None)
-        job.save_meta()
+    job.save_meta()
 
 
 def reap_abandoned(connection: Any, queue_name: str, interval: int, quiet: float = float("inf")) -> bool:
@@ -168,18 +197,13 @@ def _reaper(connection: Any, queue_name: str, interval: int, stop: threading.Eve
 
 
 def _presence(worker: Any, queue_name: str, interval: int, stop: threading.Event) -> None:
-    """Keep this worker's liveness key (``/health`` counts them) and RQ's worker record alive."""
-    import json
-
+    """Keep this worker's liveness mark (``/health`` counts them) and RQ's worker record alive."""
     from rq.worker_registration import REDIS_WORKER_KEYS
 
-    key = ALIVE_KEY.format(queue=queue_name, name=worker.name)
     conn = worker.connection
     while True:
         try:
-            job_id = worker.get_current_job_id()
-            value = {"pid": os.getpid(), "host": socket.gethostname(), "job": job_id}
-            conn.set(key, json.dumps(value), ex=2 * interval + 1)
+            mark_alive(conn, queue_name, worker.name, 2 * interval + 1)
             # RQ sets birth_date when its loop registers the worker; a record lost after that (a Redis
             # restarted empty) is written again, so that rq-dashboard lists the worker
             with worker.record_lock:
@@ -196,7 +220,7 @@ def _presence(worker: Any, queue_name: str, interval: int, stop: threading.Event
         if stop.wait(interval):
             break
     try:
-        conn.delete(key)
+        unmark_alive(conn, queue_name, worker.name)
     except Exception:
         pass
 
@@ -263,7 +287,10 @@ def main(argv: list[str] | None = None, pipeline_factory: PipelineFactory | None
         return _serve(settings, queue_name, conn, name, args.burst, pipeline_factory)
     finally:
         if slot is not None:
-            slot.release()
+            try:
+                slot.release()
+            except Exception as exc:  # Redis gone: the claim expires with its TTL
+                log.warning("could not release GPU slot %s: %s", slot.key, exc)
 
 
 def _serve(
@@ -303,8 +330,12 @@ def _serve(
         target=_presence, args=(worker, queue_name, settings.worker_heartbeat, stop), daemon=True
     )
     presence.start()
+    import redis
+
     try:
         worker.work(burst=burst, logging_level=settings.log_level, with_scheduler=False)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:  # RQ's teardown, past the outage deadline
+        log.error("Redis is gone (%s)", exc)
     finally:
         stop.set()
         presence.join(5)

@@ -26,7 +26,6 @@ rule is sound only for annotations this store held, so:
 - not covered: an annotation whose CREATED arrives only after its DELETED was never stored when the
   deletion came, so its late CREATED is stored (delete it again in Label Studio to remove it);
 - tombstones written before this rule (no task id) block nothing.
-
 One webhook event is one write transaction, whatever the number of ids it carries
 (:meth:`Store.delete_corrections`).
 
@@ -135,6 +134,16 @@ class Store:
         self.root.mkdir(parents=True, exist_ok=True)
         self.path = self.root / DB_NAME
         self.busy_timeout = busy_timeout
+        deadline = time.monotonic() + busy_timeout  # processes opening a new MODEL_DIR together race for
+        while True:  # the switch to WAL, which answers "database is locked" at once instead of waiting
+            try:
+                return self._create()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _create(self) -> None:
         with self.connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(SCHEMA)

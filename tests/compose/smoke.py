@@ -8,13 +8,15 @@ What it does, in order (each step prints its time):
    pip), ``docker import``-ed. No registry is reachable here, so nothing is pulled. The machine's CA
    certificates (``/usr/local/share/ca-certificates``) are trusted inside it so that pip reaches PyPI;
    they live only in this local image, never in the repository.
-3. Stand-ins for the images compose pulls, built from that base when absent and tagged with the compose
-   file's own pinned names: Label Studio 1.23.2 from ``requirements/label-studio.txt``, Redis from Debian.
+3. Stand-ins for the images compose pulls, built from that base when absent and named after the compose
+   file's pinned images under ``cosod-standin/`` (never in the real image's place): Label Studio 1.23.2
+   from ``requirements/label-studio.txt``, Redis from Debian.
 4. The project's images, built from the repository's ``Dockerfile`` and ``docker/rq-dashboard.Dockerfile``
    with ``BASE_IMAGE=cosod-base:bookworm``.
 5. The repository's ``docker-compose.yml`` with the CPU profile (``--profile cpu --scale worker=0``), changed
    only where this machine needs it: host networking (no bridge may be created here), so each service gets
-   a free port and the service names resolve to 127.0.0.1; the tiny backbone (no weights can be fetched).
+   a free port and the service names resolve to 127.0.0.1; the stand-ins' names; the tiny backbone (no
+   weights can be fetched).
 6. Checks: ``/health`` ready with Redis ``ok`` and a live worker; rq-dashboard lists the worker; a project of
    3 groups x 4 uploaded images pre-annotated through ``POST /jobs/prelabel`` by the worker container, one
    prediction per task, images read from Label Studio's volume; ``down`` then ``up`` keeps MODEL_DIR's SQLite
@@ -187,9 +189,16 @@ CMD ["sh", "-c", "exec /opt/ls/bin/label-studio start --internal-host 127.0.0.1 
 }
 
 
-def ensure_standins(services: dict[str, Any], work: Path) -> None:
+def standin_tag(image: str) -> str:
+    """The stand-in's own name, so that it never takes the place of the real image on a host that pulls
+    it: ``heartexlabs/label-studio:1.23.2`` -> ``cosod-standin/heartexlabs-label-studio:1.23.2``."""
+    return "cosod-standin/" + image.replace("/", "-")
+
+
+def ensure_standins(images: dict[str, str], work: Path) -> None:
+    """``images``: service -> the image the compose file pins."""
     for name, dockerfile in STANDINS.items():
-        tag = services[name]["image"]
+        tag = standin_tag(images[name])
         if has_image(tag):
             continue
         ctx = work / f"standin-{name}"
@@ -221,6 +230,8 @@ def for_this_machine(compose: dict[str, Any], ports: dict[str, int]) -> dict[str
                 for old, new in swap.items():
                     v = v.replace(old, new)
                 env[k] = v
+    for name in STANDINS:  # the pinned release's stand-in, under its own name
+        services[name]["image"] = standin_tag(services[name]["image"])
     services["redis"]["command"] = [*services["redis"]["command"], "--port", str(ports["redis"])]
     services["label-studio"]["environment"].update(
         LS_PORT=str(ports["label-studio"]),
@@ -264,6 +275,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="cosod-compose-"))
     ports = {n: free_port() for n in ("redis", "label-studio", "backend", "rq-dashboard")}
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    pinned = {name: compose["services"][name]["image"] for name in STANDINS}
     file = work / "docker-compose.yml"
     file.write_text(yaml.safe_dump(for_this_machine(compose, ports), sort_keys=False))
     env = {
@@ -279,7 +291,7 @@ def main() -> int:
     try:
         t0 = time.monotonic()
         ensure_base(work)
-        ensure_standins(compose["services"], work)
+        ensure_standins(pinned, work)
         log(f"base and stand-ins ready in {time.monotonic() - t0:.0f} s")
         t0 = time.monotonic()
         run(
@@ -331,7 +343,9 @@ def main() -> int:
             lambda: requests.get(f"{dash}/0/data/workers.json", auth=auth, timeout=5).json().get("workers"),
             60,
         )
-        log(f"rq-dashboard lists {len(workers)} worker(s)")
+        anonymous = requests.get(f"{dash}/0/data/workers.json", timeout=5)
+        assert anonymous.status_code == 401, f"rq-dashboard without the pair: {anonymous.status_code}"
+        log(f"rq-dashboard asks for the pair and lists {len(workers)} worker(s)")
 
         helpers = e2e_helpers()
         ls = SimpleNamespace(url=f"http://127.0.0.1:{ports['label-studio']}", token="smoke-token-0123456789")
