@@ -50,6 +50,13 @@ def wait_until(what: str, check: Any, timeout: float, every: float = 0.05) -> An
     raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
 
 
+def finished(q: RQQueue, job_id: str, timeout: float = 60) -> Any:
+    """The job's info once it finished."""
+    return wait_until(
+        f"{job_id} finishes", lambda: (i := q.fetch(job_id)) and i.status == "finished" and i, timeout
+    )
+
+
 def runs(marker: Path) -> int:
     return len(marker.read_text().splitlines()) if marker.exists() else 0
 
@@ -81,9 +88,7 @@ def test_redis_killed_during_a_job(server: RedisServer, tmp_path: Path) -> None:
         time.sleep(3.0)
         server.start()
         t_back = time.monotonic()
-        info = wait_until(
-            "the job finishes", lambda: (i := q.fetch("long")) and i.status == "finished" and i, 60
-        )
+        info = finished(q, "long")
         recovered = time.monotonic() - t_back
         assert info.result == 1 and runs(marker) == 1, "the job ran once"
         assert info.progress == {"done": 2, "total": 2}
@@ -94,7 +99,7 @@ def test_redis_killed_during_a_job(server: RedisServer, tmp_path: Path) -> None:
         wait_until("rq lists the worker again", lambda: len(Worker.all(connection=q.connection)) == 1, 5)
         # and it serves the next job
         q.enqueue(marked, str(tmp_path / "next"), 0.0, job_id="next", **TTL)
-        assert wait_until("the next job", lambda: (i := q.fetch("next")) and i.status == "finished" and i, 30)
+        assert finished(q, "next", 30)
     assert proc.returncode == 0, "a stop request ends the worker with 0"
     print(f"\n[{'aof' if server.aof else 'none'}] finished {recovered:.2f} s after Redis came back")
 
@@ -156,9 +161,7 @@ def test_deaths_do_not_use_up_retries(tmp_path: Path) -> None:
             if n < 2:
                 marker.write_text("")
         with cosod_worker(tmp_path, "rescuer", server.url, QUEUE):
-            info = wait_until(
-                "the job finishes", lambda: (i := q.fetch("unlucky")) and i.status == "finished" and i, 60
-            )
+            info = finished(q, "unlucky")
     finally:
         server.stop()
     assert info.meta["deaths"] == 3 and info.meta["attempt"] == 4 and info.retries_left == 2
@@ -188,9 +191,7 @@ def test_a_death_reaped_by_someone_else_is_still_counted(tmp_path: Path) -> None
         )
         assert q.fetch("reaped").retries_left == 0  # RQ used the retry
         with cosod_worker(tmp_path, "rescuer", server.url, QUEUE):
-            info = wait_until(
-                "the job finishes", lambda: (i := q.fetch("reaped")) and i.status == "finished" and i, 60
-            )
+            info = finished(q, "reaped")
     finally:
         server.stop()
     assert info.meta["deaths"] == 1 and info.meta["attempt"] == 2 and info.retries_left == 1

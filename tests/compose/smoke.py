@@ -294,30 +294,12 @@ def main() -> int:
         ensure_standins(pinned, work)
         log(f"base and stand-ins ready in {time.monotonic() - t0:.0f} s")
         t0 = time.monotonic()
-        run(
-            "docker",
-            "build",
-            "--network",
-            "host",
-            "--build-arg",
-            f"BASE_IMAGE={BASE}",
-            "-t",
-            "cosod-ml-backend:latest",
-            str(REPO),
-        )
-        run(
-            "docker",
-            "build",
-            "--network",
-            "host",
-            "--build-arg",
-            f"BASE_IMAGE={BASE}",
-            "-f",
-            str(REPO / "docker/rq-dashboard.Dockerfile"),
-            "-t",
-            compose["services"]["rq-dashboard"]["image"],
-            str(REPO),
-        )
+        for dockerfile, tag in (
+            ("Dockerfile", "cosod-ml-backend:latest"),
+            ("docker/rq-dashboard.Dockerfile", compose["services"]["rq-dashboard"]["image"]),
+        ):
+            run("docker", "build", "--network", "host", "--build-arg", f"BASE_IMAGE={BASE}",
+                "-f", str(REPO / dockerfile), "-t", tag, str(REPO))  # fmt: skip
         log(
             f"images built in {time.monotonic() - t0:.0f} s; cosod-ml-backend:latest is "
             f"{image_size('cosod-ml-backend:latest') / 1e9:.2f} GB"
