@@ -46,7 +46,7 @@ class RedisProbe:
     def workers(self, queue_name: str) -> int | None:
         """How many ``cosod-worker`` processes of ``queue_name`` heartbeated within their heartbeat TTL
         (None when Redis is not configured or down). RQ's own worker records live 7 minutes after a kill
-        and vanish with a Redis restart; the liveness keys expire (see :mod:`backend.jobs.worker`)."""
+        and vanish with a Redis restart; the liveness marks expire (see :mod:`backend.jobs.worker`)."""
         if not self.url or self._client is None:
             return None
         try:
