@@ -13,7 +13,9 @@ Environment variables (primary name, then aliases) -> field, default:
 - COSOD_MODEL -> model_name, scosparc (or ums; per project: extra params {"model": ...})
 - COSOD_STAGE1_CHECKPOINT / COSOD_UMS_CHECKPOINT -> the models' checkpoint files (UMS needs one)
 - COSOD_WEIGHTS_DIR / COSOD_CACHE_DIR -> weights_dir / cache_dir, library defaults
-- COSOD_GROUP_BY -> group_by: auto (default), project or field:<name>
+- COSOD_GROUP_BY -> group_by: auto (default), project, field:<name>, filename:<regex> or similar[:<threshold>]
+- COSOD_SIMILAR_THRESHOLD / COSOD_SIMILAR_MIN_GROUP / COSOD_SIMILAR_MAX_GROUP -> the ``similar`` rule's
+  cosine threshold (0.8), smallest group (2) and largest group (64); see backend/grouping/similar.py
 - COSOD_MAX_REFS -> max_refs, 24
 - COSOD_MAX_GROUP_IMAGES -> max_group_images, 64: larger groups use the asked tasks + K references
 - COSOD_DEVICE -> device, cpu
@@ -71,6 +73,7 @@ that names the variable and quotes the value (``COSOD_MAX_REFS must be an intege
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
@@ -91,7 +94,11 @@ LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
 MODELS: tuple[str, ...] = get_args(ModelName)
 PROMOTE_METRICS: tuple[str, ...] = get_args(PromoteMetric)
 
-_GROUP_BY_FORMS = "must be 'auto', 'project' or 'field:<name>'"
+_GROUP_BY_FORMS = (
+    "must be 'auto', 'project', 'field:<name>', 'filename:<regex with a capture group>' or "
+    "'similar[:<threshold in (0, 1)>]'"
+)
+MAX_GROUP_REGEX_CHARS = 200
 _NAME_CHARS = "must be letters, digits, '-', '_' or '.'"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -106,7 +113,44 @@ def parse_group_by(value: str) -> str:
         return "project"
     if v.lower().startswith("field:") and v[6:].strip():
         return "field:" + v[6:].strip()
+    if v.lower().startswith("filename:"):
+        return "filename:" + _group_regex(v[len("filename:") :], value)
+    if v.lower() == "similar":
+        return "similar"
+    if v.lower().startswith("similar:"):
+        try:
+            t = float(v[len("similar:") :])
+        except ValueError:
+            t = float("nan")
+        if not 0.0 < t < 1.0:
+            raise ValueError(
+                f"group_by 'similar:<threshold>' needs a cosine threshold in (0, 1), got {value!r}"
+            )
+        return f"similar:{t:g}"
     raise ValueError(f"group_by {_GROUP_BY_FORMS}, got {value!r}")
+
+
+def _group_regex(pattern: str, value: str) -> str:
+    """A ``filename:`` rule's regex, checked: it compiles, has a capture group and is at most
+    ``MAX_GROUP_REGEX_CHARS`` long (the file names it runs on are cut at 1024 characters)."""
+    if not pattern:
+        raise ValueError(f"group_by filename:<regex> needs a regex, got {value!r}")
+    if len(pattern) > MAX_GROUP_REGEX_CHARS:
+        raise ValueError(
+            f"group_by filename:<regex> needs at most {MAX_GROUP_REGEX_CHARS} characters, got {value!r}"
+        )
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(
+            f"group_by filename:<regex> needs a regex that compiles ({exc}), got {value!r}"
+        ) from None
+    if compiled.groups < 1:
+        raise ValueError(
+            "group_by filename:<regex> needs a capture group, the group's name (e.g. 'filename:^(.+)_\\d+'), "
+            f"got {value!r}"
+        )
+    return pattern
 
 
 def _env(default: Any, *names: str, **constraints: Any) -> Any:
@@ -203,6 +247,9 @@ class Settings(BaseSettings):
     weights_dir: str | None = _env(None, "COSOD_WEIGHTS_DIR")
     cache_dir: str | None = _env(None, "COSOD_CACHE_DIR")
     group_by: str = _env("auto", "COSOD_GROUP_BY")
+    similar_threshold: float = _env(0.8, "COSOD_SIMILAR_THRESHOLD", gt=0.0, lt=1.0)
+    similar_min_group: int = _env(2, "COSOD_SIMILAR_MIN_GROUP", ge=1)
+    similar_max_group: int = _env(64, "COSOD_SIMILAR_MAX_GROUP", ge=2)
     max_refs: int = _env(24, "COSOD_MAX_REFS", ge=1)
     max_group_images: int = _env(64, "COSOD_MAX_GROUP_IMAGES", ge=1)
     device: str = _env("cpu", "COSOD_DEVICE")
@@ -342,8 +389,9 @@ class Settings(BaseSettings):
     def _group_by(cls, v: str) -> str:
         try:
             return parse_group_by(v)
-        except ValueError:
-            raise ValueError(_GROUP_BY_FORMS) from None
+        except ValueError as exc:
+            message = str(exc).removeprefix("group_by ")
+            raise ValueError(message.removesuffix(f", got {v!r}")) from None
 
     @field_validator("queue_name", "gpu_pool")
     @classmethod
@@ -372,6 +420,11 @@ class Settings(BaseSettings):
             raise ValueError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
         if self.worker_gpu == "auto" and not self.device.startswith("cuda"):
             raise ValueError(f"COSOD_WORKER_GPU=auto needs COSOD_DEVICE=cuda, got {self.device!r}")
+        if self.similar_min_group > self.similar_max_group:
+            raise ValueError(
+                f"COSOD_SIMILAR_MIN_GROUP ({self.similar_min_group}) must be at most "
+                f"COSOD_SIMILAR_MAX_GROUP ({self.similar_max_group})"
+            )
         return self
 
 

@@ -24,6 +24,9 @@ TODAYS_DEFAULTS: dict[str, Any] = {
     "weights_dir": None,
     "cache_dir": None,
     "group_by": "auto",
+    "similar_threshold": 0.8,
+    "similar_min_group": 2,
+    "similar_max_group": 64,
     "max_refs": 24,
     "max_group_images": 64,
     "device": "cpu",
@@ -155,7 +158,8 @@ def test_primary_names_win_over_aliases() -> None:
         ),
         (
             {"COSOD_GROUP_BY": "folder"},
-            "COSOD_GROUP_BY must be 'auto', 'project' or 'field:<name>', got 'folder'",
+            "COSOD_GROUP_BY must be 'auto', 'project', 'field:<name>', 'filename:<regex with a capture "
+            "group>' or 'similar[:<threshold in (0, 1)>]', got 'folder'",
         ),
         (
             {"LOG_LEVEL": "LOUD"},

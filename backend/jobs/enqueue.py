@@ -15,6 +15,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 from ..errors import quote
 from ..grouping import GroupKey, TaskRef, effective_rule, group_key, members
@@ -41,22 +42,27 @@ def group_job_id(project_id: int, key: GroupKey, model_version: str, task_ids: I
 
 def current_tasks(
     project_id: int, group_by: str | None, arrived: float
-) -> tuple[JobContext, str, str, list[TaskRef]]:
+) -> tuple[JobContext, str, str, list[TaskRef], str]:
     """For a request that arrived at ``arrived`` (``time.monotonic()``): the job context, the grouping rule
-    (``group_by`` or the project's), the version the project serves, and the project's tasks from a
-    listing that started after the request arrived. Fails fast: an HTTP request is waiting."""
+    (``group_by`` or the project's), the version the project serves, the project's tasks from a listing
+    that started after the request arrived, and the data key of their images. Under ``similar`` the tasks
+    carry their groups; the ones not grouped yet are grouped here, their features computed once and cached
+    for the jobs. Fails fast: an HTTP request is waiting."""
     ctx = context()
     project = project_state(ctx, project_id, attempts=1)
-    rule = effective_rule(parse_group_by(group_by) if group_by is not None else project.group_by)
+    if group_by is not None:
+        project = replace(project, group_by=parse_group_by(group_by))
+    rule = effective_rule(project.group_by)
     ctx.loader.require(timeout=60.0, model=project.model)
-    version = ctx.model.serving(project)[1]
+    pipeline, version = ctx.model.serving(project)
     tasks = retrying(
         ctx,
         f"listing the tasks of project {project_id}",
         lambda: ctx.ls.project_tasks(project_id, refresh=True, since=arrived, sdk_retries=0),
         attempts=1,
     )
-    return ctx, rule, version, tasks
+    tasks = ctx.model.similar.resolve(project, tasks, pipeline, listed=tasks)
+    return ctx, rule, version, tasks, project.config.image_key
 
 
 def enqueue_prelabel(
@@ -70,8 +76,10 @@ def enqueue_prelabel(
         isinstance(groups, str) or not all(g is None or isinstance(g, str) for g in groups)
     ):
         raise ValueError(f"groups must be a list of group names (strings or null), got {quote(groups)}")
-    ctx, rule, version, tasks = current_tasks(project_id, group_by, arrived)
-    keys = sorted({group_key(t.data, rule) for t in tasks}, key=lambda k: (k.value is None, k.value or ""))
+    ctx, rule, version, tasks, image_key = current_tasks(project_id, group_by, arrived)
+    keys = sorted(
+        {group_key(t.data, rule, image_key) for t in tasks}, key=lambda k: (k.value is None, k.value or "")
+    )
     if groups is not None:
         known = {k.value for k in keys}
         unknown = [g for g in groups if g not in known]
@@ -85,7 +93,7 @@ def enqueue_prelabel(
     s = ctx.settings
     out = []
     for key in keys:
-        ids = [t.id for t in members(tasks, key)]
+        ids = [t.id for t in members(tasks, key, image_key)]
         out.append(
             q.enqueue(
                 prelabel_group,

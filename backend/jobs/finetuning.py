@@ -56,8 +56,13 @@ def finetune(project_id: int) -> dict[str, Any]:
                 f"reading the image of task {task_id}",
                 lambda: ctx.ls.read_image(url, task_id, project_id=project_id),
             ),
-            list_group_tasks=lambda pid: retrying(
-                ctx, f"listing the tasks of project {pid}", lambda: ctx.ls.project_tasks(pid, refresh=True)
+            list_group_tasks=lambda pid: ctx.model.similar.tag(  # a no-op unless the rule is `similar`
+                project,
+                retrying(
+                    ctx,
+                    f"listing the tasks of project {pid}",
+                    lambda: ctx.ls.project_tasks(pid, refresh=True),
+                ),
             ),
             group_by=project.group_by,
             image_key=project.config.image_key,

@@ -93,7 +93,7 @@ def _prelabel_group(
     pipeline = _pipeline_of_version(ctx, project, model_version)
     s = ctx.settings
     with clock("list"):
-        states = _group_states(ctx, project_id, key, task_ids)
+        states = _group_states(ctx, project, key, task_ids)
     group = [st.task for st in states]
     total = len(group)
     with clock("check"):
@@ -171,18 +171,19 @@ def _pipeline_of_version(ctx: JobContext, project: Project, model_version: str) 
 
 
 def _group_states(
-    ctx: JobContext, project_id: int, key: GroupKey, task_ids: Sequence[int] | None
+    ctx: JobContext, project: Project, key: GroupKey, task_ids: Sequence[int] | None
 ) -> list[TaskState]:
     """The group's tasks with the model versions of their predictions (``task_ids``: the members when the
     job was queued; None lists the project again). Tasks deleted since are logged and left out."""
-    ls = ctx.ls
+    ls, project_id = ctx.ls, project.id
     if task_ids is None:
         listed = retrying(
             ctx,
             f"listing the tasks of project {project_id}",
             lambda: ls.project_tasks(project_id, refresh=True, sdk_retries=0),
         )
-        task_ids = [t.id for t in members(listed, key)]
+        listed = ctx.model.similar.tag(project, listed)  # a no-op unless the rule is `similar`
+        task_ids = [t.id for t in members(listed, key, project.config.image_key)]
     wanted = list(task_ids)
     states = retrying(
         ctx,

@@ -374,7 +374,7 @@ def _store_annotation(
     data = task["data"]
     key = image_key or _image_key(payload.get("project") or {})
     url = _image_url(data, key)
-    gkey = encode_group_key(group_key(data, group_by))
+    gkey = encode_group_key(group_key(data, group_by, key))
     if len(gkey) > MAX_GROUP_CHARS:
         raise CorrectionRefusedError(
             f"the task's group is {len(gkey)} characters, over the limit of {MAX_GROUP_CHARS}: {quote(gkey)}"

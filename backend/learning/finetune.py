@@ -346,7 +346,7 @@ def _add_context(
 
     added: dict[str, int] = {}
     for t in tasks:
-        key = encode_group_key(group_key(t.data, group_by))
+        key = encode_group_key(group_key(t.data, group_by, image_key))
         if t.id in corrected or key not in members or added.get(key, 0) >= max_context:
             continue
         try:

@@ -18,24 +18,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-import numpy as np
-
-from cosod.errors import ImageReadError
 
 from ..errors import (
     BackendError,
     BadRequestError,
-    ImageFetchError,
-    ImageRefusedError,
     JobQueueError,
     TransientJobError,
     UnknownProjectError,
-    brief,
     quote,
 )
 from ..grouping import GroupKey, TaskRef, choose_subset, group_digest, group_key, members
@@ -49,9 +40,11 @@ from ..learning.store import Store
 from ..learning.versions import Registry
 from ..metrics import Metrics
 from ..settings import Settings
+from .compute import compute_outcomes
 from .groupcache import GroupCache, Outcome
 from .pipelines import PipelineLoader
 from .projects import Project, ProjectRegistry
+from .similar import SimilarGrouper
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +70,7 @@ class CoSODModel:
         self.projects = ProjectRegistry(settings)
         self.store = Store(settings.model_dir)
         self.registry = Registry(self.store)
+        self.similar = SimilarGrouper(settings, ls)
         self._compute_lock = threading.Lock()
         user, password = settings.basic_auth_user, settings.basic_auth_pass
         self.webhook_auth = WebhookAuthorizer(
@@ -147,7 +141,7 @@ class CoSODModel:
             out = handle_event(
                 self.store,
                 event,
-                data,
+                self.similar.tag_event(known, data) if known else data,
                 group_by=known.group_by if known else self.settings.group_by,
                 image_key=known.config.image_key if known else None,
                 train_every=self.settings.train_every,
@@ -195,6 +189,10 @@ class CoSODModel:
         """
         pipeline, version = self.serving(project)
         refs = [_task_ref(t, i) for i, t in enumerate(tasks)]
+        if self.similar.applies(project):  # assign the project's new tasks to groups first
+            mine = self.similar.resolve(project, [r for r, o in refs if o in (None, project.id)], pipeline)
+            tagged = {t.id: t for t in mine}
+            refs = [(tagged.get(r.id, r), o) for r, o in refs]
         cap = self.settings.max_predict_tasks
         outcomes: dict[int, Outcome] = {}
         by_group: dict[GroupKey, list[TaskRef]] = {}
@@ -214,7 +212,8 @@ class CoSODModel:
                 )
             else:
                 taken += 1
-                by_group.setdefault(group_key(ref.data, project.group_by), []).append(ref)
+                key = group_key(ref.data, project.group_by, project.config.image_key)
+                by_group.setdefault(key, []).append(ref)
         if len(refs) > taken:
             log.warning("project %s: %d of %d tasks not computed", project.id, len(refs) - taken, len(refs))
         done: dict[int, dict[str, Any]] = {}
@@ -302,7 +301,8 @@ class CoSODModel:
         by_id = {t.id: t for t in listed or []}
         outsiders = {t.id for t in asked if t.id not in by_id} if listed is not None else set()
         by_id.update({t.id: t for t in asked if t.id not in outsiders})
-        return members(by_id.values(), key), outsiders
+        tasks = self.similar.tag(project, list(by_id.values()))
+        return members(tasks, key, project.config.image_key), outsiders
 
     def _predict_group(
         self, project: Project, key: GroupKey, asked: list[TaskRef], pipeline: Any, version: str
@@ -362,47 +362,7 @@ class CoSODModel:
     def _compute(
         self, tasks: list[TaskRef], image_key: str, pipeline: Any, project_id: int
     ) -> dict[int, Outcome]:
-        t0 = time.perf_counter()
-        outcomes: dict[int, Outcome] = {}
-
-        def load(t: TaskRef) -> tuple[TaskRef, np.ndarray | None, Outcome | None]:
-            try:
-                return t, self.ls.read_image(t.data.get(image_key), t.id, project_id=project_id), None
-            except ImageReadError as exc:
-                return t, None, _failed(t.id, "image_unreadable", "image not decodable, empty result", exc)
-            except ImageRefusedError as exc:
-                return t, None, _failed(t.id, "image_refused", "image refused", exc)
-            except (ImageFetchError, BackendError) as exc:
-                return t, None, _failed(t.id, "image_fetch", "image not fetched", exc)
-
-        with ThreadPoolExecutor(max_workers=min(8, max(1, len(tasks)))) as pool:
-            loaded = list(pool.map(load, tasks))
-        good = [(t, img) for t, img, bad in loaded if img is not None]
-        outcomes.update({t.id: bad for t, _, bad in loaded if bad is not None})
-        if good:
-            pred = pipeline.predict_group([img for _, img in good])
-            self.metrics.group_images.inc(len(good))
-            for k, (t, img) in enumerate(good):
-                mask = np.asarray(pred.masks[k], dtype=bool)
-                if mask.shape != img.shape[:2]:
-                    raise RuntimeError(
-                        f"the pipeline returned a {mask.shape} mask for a {img.shape[:2]} image"
-                    )
-                outcomes[t.id] = Outcome(mask=mask, score=float(pred.scores[k]))
-            log.debug(
-                "group of %d: mode %s, timings %s",
-                len(good),
-                getattr(pred, "mode", "?"),
-                getattr(pred, "timings", {}),
-            )
-        self.metrics.pipeline_seconds.observe(time.perf_counter() - t0)
-        return outcomes
-
-
-def _failed(task_id: int, kind: str, what: str, exc: Exception) -> Outcome:
-    message = brief(str(exc))
-    log.warning("task %s: %s: %s", task_id, what, message)
-    return Outcome(error=message, kind=kind)
+        return compute_outcomes(self.ls, self.metrics, tasks, image_key, pipeline, project_id)
 
 
 def _task_ref(task: Any, index: int) -> tuple[TaskRef, int | None]:
