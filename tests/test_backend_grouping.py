@@ -67,3 +67,79 @@ def test_a_lone_surrogate_listed_by_label_studio_does_not_break_the_group_digest
     task = TaskRef(1, {"image": "/data/upload/1/a\ud800.png", "group": "g\udfff"})
     key = group_key(task.data, "auto")
     assert len(group_digest(key, [task], "image")) == 16
+
+
+# -- filename:<regex> ------------------------------------------------------------------------------------
+
+
+def test_file_name_strips_label_studios_upload_prefix_and_reads_every_kind_of_reference() -> None:
+    from backend.grouping import file_name
+
+    assert file_name("/data/upload/6/37a076de-synth_00_0.png") == "synth_00_0.png"
+    assert file_name("/data/local-files/?d=shots/box%201/cat_1.png") == "cat_1.png"
+    assert file_name("s3://bucket/a/b%20c.png") == "b c.png"
+    assert file_name("https://host/x/z.jpg?token=1#f") == "z.jpg"
+    assert file_name("/data/upload/1/abcdefgz-x.png") == "abcdefgz-x.png"  # not 8 hex: not a prefix
+    assert file_name("/data/upload/1/37a076de-") == "37a076de-"  # nothing after it: kept
+    assert file_name(None) is None and file_name("") is None and file_name(7) is None
+
+
+def test_filename_rule_groups_by_the_first_capture_group() -> None:
+    rule = r"filename:^(.+)_\d+\.\w+$"
+    tasks = [
+        TaskRef(1, {"image": "/data/upload/3/0a1b2c3d-mug_1.png"}),
+        TaskRef(2, {"image": "/data/upload/3/ffffffff-mug_2.jpg"}),
+        TaskRef(3, {"image": "/data/upload/3/12345678-shoe_1.png"}),
+        TaskRef(4, {"image": "/data/upload/3/12345678-readme.txt"}),  # no match
+    ]
+    assert group_key(tasks[0].data, rule) == GroupKey(rule, "mug")
+    assert [t.id for t in members(tasks, GroupKey(rule, "mug"))] == [1, 2]
+    assert [t.id for t in members(tasks, GroupKey(rule, "shoe"))] == [3]
+    assert group_key(tasks[3].data, rule) == GroupKey(rule, None)
+    # the image is read from the config's data key
+    assert group_key({"photo": "mug_9.png"}, rule, "photo") == GroupKey(rule, "mug")
+    assert group_key({"photo": "mug_9.png"}, rule) == GroupKey(rule, None)
+
+
+def test_filename_rule_is_validated_where_it_is_given() -> None:
+    import pytest
+
+    from backend.rules import parse_group_by
+
+    assert parse_group_by(r"filename:^(\w+)-") == r"filename:^(\w+)-"
+    for bad, words in [
+        ("filename:", "needs a regex"),
+        ("filename:cat_\\d+", "needs a capture group"),
+        ("filename:(unclosed", "compiles"),
+        ("filename:(" + "a" * 300 + ")", "at most 200"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            parse_group_by(bad)
+
+
+# -- similar ----------------------------------------------------------------------------------------------
+
+
+def test_similar_rule_forms() -> None:
+    import pytest
+
+    from backend.grouping import effective_rule, similar_threshold
+    from backend.rules import parse_group_by
+
+    assert parse_group_by("similar") == "similar" and parse_group_by("Similar:0.50") == "similar:0.5"
+    assert effective_rule("similar:0.5") == "similar" and similar_threshold("similar:0.5") == 0.5
+    assert similar_threshold("similar") is None and similar_threshold("auto") is None
+    for bad in ("similar:1", "similar:0", "similar:x", "similar:-0.3", "similar:nan"):
+        with pytest.raises(ValueError, match="threshold in"):
+            parse_group_by(bad)
+
+
+def test_similar_groups_travel_with_the_task_and_untagged_tasks_form_the_not_grouped_group() -> None:
+    from backend.grouping import SIMILAR_KEY, tag_similar
+
+    tasks = [TaskRef(i, {"image": f"{i}.png", SIMILAR_KEY: "forged"}) for i in (1, 2, 3)]
+    tagged = tag_similar(tasks, {1: "s1", 3: "s2"})
+    assert group_key(tagged[0].data, "similar") == GroupKey("similar", "s1")
+    assert group_key(tagged[1].data, "similar") == GroupKey("similar", None)  # a forged value is dropped
+    assert [t.id for t in members(tagged, GroupKey("similar", "s2"))] == [3]
+    assert group_key(tagged[0].data, "similar:0.6") == GroupKey("similar", "s1")  # one rule, any threshold

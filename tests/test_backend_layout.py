@@ -17,6 +17,7 @@ LAYERS = {
     "errors": 0,
     "settings": 0,
     "metrics": 0,
+    "rules": -1,  # below settings, which validates COSOD_GROUP_BY with it
     "grouping": 1,
     "labelstudio": 2,
     "learning": 3,

@@ -396,6 +396,7 @@ def e2e() -> Any:
         TOKEN=TOKEN,
         ls_api=ls_api,
         create_grouped_project=create_grouped_project,
+        group_png=group_png,
         predictions_by_task=predictions_by_task,
         stop=stop,
         free_port=free_port,
