@@ -52,9 +52,12 @@ ls-venv: $(LS_VENV)/.installed
 
 # Start the backend on the embedded defaults. The default backbone's weights are fetched when missing and
 # reachable; offline the server still starts and /health plus the log name the file to put in weights/.
-# backend/api/gunicorn_conf.py makes /metrics sum all WORKERS (Prometheus multiprocess mode).
+# backend/api/gunicorn_conf.py makes /metrics sum all WORKERS (Prometheus multiprocess mode). Backbone features
+# are cached on disk (COSOD_CACHE_DIR, default $MODEL_DIR/features): grouping by similarity and the predictions
+# then share one backbone pass per image, and a restart does not recompute them.
 run: install
 	-$(BIN)/cosod weights fetch $(COSOD_BACKBONE) --if-missing
+	COSOD_CACHE_DIR="$${COSOD_CACHE_DIR:-$${MODEL_DIR:-$(CURDIR)/model_dir}/features}" \
 	$(BIN)/gunicorn -c python:backend.api.gunicorn_conf --bind $(HOST):$(PORT) --workers $(WORKERS) \
 		--threads $(THREADS) --timeout 0 'backend.api.app:create_app()'
 

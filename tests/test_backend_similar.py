@@ -172,3 +172,24 @@ def test_descriptors_follow_what_the_attention_looks_at() -> None:
     assert d.shape == (3, 8) and d.dtype == np.float32
     assert np.allclose(np.linalg.norm(d, axis=1), 1.0, atol=1e-5)
     assert d[0] @ d[1] > 0.99 and d[0] @ d[2] < 0.5
+
+
+def test_a_webhooks_task_is_filed_under_its_stored_group(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from backend.grouping import SIMILAR_KEY, GroupKey, group_key
+    from backend.prediction.similar import SimilarGrouper
+    from backend.settings import Settings
+
+    grouper = SimilarGrouper(Settings.from_env({"MODEL_DIR": str(tmp_path)}), ls=None)  # type: ignore[arg-type]
+    pairs, _ = planted([2, 2], seed=8)
+    stored = grouper.store.assign(4, dict(pairs), threshold=0.6, min_size=1, max_size=64)
+    project = SimpleNamespace(id=4, group_by="similar:0.6")
+    payload = {"task": {"id": 3, "data": {"image": "x.png", SIMILAR_KEY: "forged"}}, "annotation": {"id": 1}}
+    tagged = grouper.tag_event(project, payload)  # type: ignore[arg-type]
+    assert group_key(tagged["task"]["data"], "similar") == GroupKey("similar", stored[3])
+    assert payload["task"]["data"][SIMILAR_KEY] == "forged"  # the caller's payload is not changed
+    unknown = grouper.tag_event(project, {"task": {"id": 77, "data": {"image": "y.png"}}})  # type: ignore[arg-type]
+    assert group_key(unknown["task"]["data"], "similar") == GroupKey("similar", None)
+    other = SimpleNamespace(id=4, group_by="auto")
+    assert grouper.tag_event(other, payload) is payload  # type: ignore[arg-type]

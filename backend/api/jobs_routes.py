@@ -1,6 +1,6 @@
 """The /jobs routes: batch pre-annotation and job status, as a Flask blueprint.
 
-- ``POST /jobs/prelabel {"project": N, "group_by"?: "project" | "field:<name>", "groups"?: [names]}``
+- ``POST /jobs/prelabel {"project": N, "group_by"?: a rule of backend.grouping, "groups"?: [names]}``
   -> 202 ``{"project", "jobs": [ids], "created": [ids enqueued now], "existing": [ids already there]}``
 - ``GET /jobs/<id>`` -> the job (status, progress, result, error, times); 404 for an unknown id
 - ``GET /jobs?project=N`` -> ``{"jobs": [...]}``
@@ -77,7 +77,7 @@ def prelabel() -> tuple[Response, int]:
     pid = parse_id(body.get("project"), "'project'")
     group_by = body.get("group_by")
     if group_by is not None and not isinstance(group_by, str):
-        raise BadRequestError(f"'group_by' must be 'project' or 'field:<name>', got {quote(group_by)}")
+        raise BadRequestError(f"'group_by' must be a grouping rule (a string), got {quote(group_by)}")
     groups = body.get("groups")
     names_ok = isinstance(groups, list) and all(x is None or isinstance(x, str) for x in groups)
     if groups is not None and not names_ok:
