@@ -54,8 +54,11 @@ Environment variables (primary name, then aliases) -> field, default:
   when workers of several machines share a Redis)
 - COSOD_TRAIN_EVERY -> train_every, 10: new corrections in a project before a fine-tune is enqueued
 - COSOD_PROMOTE_METRIC / COSOD_PROMOTE_MARGIN -> promote_metric, iou / promote_margin, 0.005: a candidate
-  replaces the active version only if it beats it on the held-out corrections by more than the margin
-  (for mae and hce lower is better)
+  replaces the active version only if, over the held-out corrections, the lower bound of the one-sided 95 %
+  paired-bootstrap interval of its mean per-image gain on the metric is above the margin (for mae and hce
+  lower is better; see cosod/promotion.py)
+- COSOD_PROMOTE_MIN_HELDOUT -> promote_min_heldout, 5: with fewer held-out images a candidate is kept, never
+  promoted
 - COSOD_FINETUNE_STEPS / COSOD_FINETUNE_LR -> 300 optimiser steps at 1e-3
 - COSOD_HELDOUT_FRACTION -> heldout_fraction, 0.2 of the corrected images (chosen by image hash)
 - COSOD_FINETUNE_MIN_CORRECTIONS -> 3: below this a fine-tune is skipped
@@ -231,6 +234,7 @@ class Settings(BaseSettings):
     train_every: int = _env(10, "COSOD_TRAIN_EVERY", ge=1)
     promote_metric: PromoteMetric = _env("iou", "COSOD_PROMOTE_METRIC")
     promote_margin: float = _env(0.005, "COSOD_PROMOTE_MARGIN", ge=0)
+    promote_min_heldout: int = _env(5, "COSOD_PROMOTE_MIN_HELDOUT", ge=1)
     finetune_steps: int = _env(300, "COSOD_FINETUNE_STEPS", ge=1)
     finetune_lr: float = _env(1e-3, "COSOD_FINETUNE_LR", gt=0)
     heldout_fraction: float = _env(0.2, "COSOD_HELDOUT_FRACTION", gt=0, lt=1)

@@ -23,7 +23,8 @@ head.
 
 Evaluation (:func:`evaluate_heldout`): each group is predicted whole through the real pipeline (threshold,
 region refinement, CRF) and the final binary masks of the held-out images are scored against their
-corrections with :class:`~cosod.metrics.CoSODEvaluator` (IoU, max F, MAE, HCE, ...).
+corrections with :class:`~cosod.metrics.CoSODEvaluator` (IoU, max F, MAE, HCE, ...); :func:`score_heldout`
+keeps each image's scores too, for the promotion rule (:mod:`cosod.promotion`).
 """
 
 from __future__ import annotations
@@ -45,19 +46,9 @@ from .methods.scosparc import supervised_terms as supervised_terms
 from .methods.ums import mask_to_square as mask_to_square
 from .metrics import CoSODEvaluator
 from .pipeline import Pipeline, PipelineConfig
+from .promotion import HIGHER_IS_BETTER as HIGHER_IS_BETTER
 
 log = logging.getLogger(__name__)
-
-HIGHER_IS_BETTER = {
-    "iou": True,
-    "max_f": True,
-    "mean_f": True,
-    "max_e": True,
-    "mean_e": True,
-    "s_measure": True,
-    "mae": False,
-    "hce": False,
-}
 
 
 @dataclass(frozen=True)
@@ -150,11 +141,22 @@ def head_pipeline(base: Pipeline, head: Any, config: PipelineConfig | None = Non
     return Pipeline(cfg, base.backbone, head, base.cache, v2_backbone=base.v2_backbone)
 
 
-def evaluate_heldout(
-    pipeline: Pipeline, groups: Sequence[FinetuneGroup], heldout: set[str]
-) -> dict[str, Any]:
+@dataclass
+class HeldoutScores:
+    """The held-out scores of one version: ``summary`` ``{"n_images", **overall measures}`` and
+    ``per_image`` ``{(group, image hash): {measure: value}}`` (see :meth:`cosod.metrics.CoSODEvaluator.
+    per_image`), the pairs the promotion rule compares (:func:`cosod.promotion.decide`)."""
+
+    summary: dict[str, Any]
+    per_image: dict[tuple[str, str], dict[str, float]]
+
+    def metric(self, name: str) -> dict[tuple[str, str], float]:
+        return {k: v[name] for k, v in self.per_image.items()}
+
+
+def score_heldout(pipeline: Pipeline, groups: Sequence[FinetuneGroup], heldout: set[str]) -> HeldoutScores:
     """Predict each group containing held-out images; score those images' final masks against their
-    corrections. Returns ``{"n_images", **overall measures}``; ``n_images`` 0 (and no measures) when none."""
+    corrections, overall and per image. ``n_images`` 0 (no measures, no images) when there is none."""
     ev = CoSODEvaluator()
     for group in groups:
         idx = [i for i, h in enumerate(group.hashes) if h in heldout and group.masks[i] is not None]
@@ -166,8 +168,18 @@ def evaluate_heldout(
             assert gt is not None
             ev.step(np.asarray(pred.masks[i], dtype=bool), gt, group=group.name, name=group.hashes[i])
     if ev.n_images == 0:
-        return {"n_images": 0}
-    return {"n_images": ev.n_images, **ev.results()["overall"]}
+        return HeldoutScores({"n_images": 0}, {})
+    per_image = {
+        (str(r.pop("group")), str(r.pop("name"))): {k: float(v) for k, v in r.items()} for r in ev.per_image()
+    }
+    return HeldoutScores({"n_images": ev.n_images, **ev.results()["overall"]}, per_image)
+
+
+def evaluate_heldout(
+    pipeline: Pipeline, groups: Sequence[FinetuneGroup], heldout: set[str]
+) -> dict[str, Any]:
+    """The overall held-out scores (:func:`score_heldout`'s ``summary``): ``{"n_images", **measures}``."""
+    return score_heldout(pipeline, groups, heldout).summary
 
 
 def finetune(
@@ -226,14 +238,3 @@ def _batch(active: Pipeline, group: FinetuneGroup, idx: list[int]) -> Batch:
     feats = active.encode_all([group.images[i] for i in idx], [group.hashes[i] for i in idx])
     targets, labelled = active.method.targets(masks, feats, active.config.input_size)
     return Batch(tuple(feats), targets, labelled)
-
-
-def is_better(candidate: dict[str, Any], active: dict[str, Any], metric: str, margin: float) -> bool:
-    """The promotion rule: the candidate beats the active model by more than ``margin`` on ``metric``
-    (higher is better except for ``mae`` and ``hce``)."""
-    if metric not in HIGHER_IS_BETTER:
-        raise ValueError(f"unknown promotion metric {metric!r}; known: {', '.join(HIGHER_IS_BETTER)}")
-    if metric not in candidate or metric not in active:
-        return False
-    gain = candidate[metric] - active[metric]
-    return (gain if HIGHER_IS_BETTER[metric] else -gain) > margin

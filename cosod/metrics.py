@@ -92,6 +92,7 @@ class CoSODEvaluator:
         self._hce = HumanCorrectionEffortMeasure()
         self._ious: list[float] = []
         self._groups: list[str | None] = []
+        self._names: list[str | None] = []
         self._seen: set[tuple[str | None, str]] = set()
 
     def __len__(self) -> int:
@@ -135,6 +136,7 @@ class CoSODEvaluator:
         self._hce.step(pred, gt)
         self._ious.append(iou(pred >= 128, gt > 128))
         self._groups.append(group)
+        self._names.append(name)
 
     def _summary(self, idx: np.ndarray) -> dict[str, float]:
         """Per-image means over the images ``idx`` (the same reductions as the reference ``get_results``)."""
@@ -150,6 +152,29 @@ class CoSODEvaluator:
             "iou": float(np.mean(np.asarray(self._ious)[idx])),
             "hce": float(np.mean(np.asarray(self._hce.hces, dtype=np.float64)[idx])),
         }
+
+    def per_image(self) -> list[dict]:
+        """Each image's own measures, in the order added: ``[{"group", "name", METRIC_KEYS...}]``. For max and
+        mean F / E they are the maximum and mean of the image's own curve (their mean over images equals the
+        overall mean F / E, not the overall max F / E, which is the maximum of the averaged curve)."""
+        if not self._ious:
+            return []
+        fms = np.asarray(self._fm.changeable_fms, dtype=np.float64)
+        ems = np.asarray(self._em.changeable_ems, dtype=np.float64)
+        columns = {
+            "mae": np.asarray(self._mae.maes, dtype=np.float64),
+            "max_f": fms.max(axis=1),
+            "mean_f": fms.mean(axis=1),
+            "max_e": ems.max(axis=1),
+            "mean_e": ems.mean(axis=1),
+            "s_measure": np.asarray(self._sm.sms, dtype=np.float64),
+            "iou": np.asarray(self._ious, dtype=np.float64),
+            "hce": np.asarray(self._hce.hces, dtype=np.float64),
+        }
+        return [
+            {"group": g, "name": n, **{k: float(columns[k][i]) for k in METRIC_KEYS}}
+            for i, (g, n) in enumerate(zip(self._groups, self._names, strict=True))
+        ]
 
     def results(self) -> dict:
         """All measures as JSON-serialisable Python floats.

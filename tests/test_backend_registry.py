@@ -114,8 +114,15 @@ def test_finetune_beats_the_active_version_on_heldout_images(first: tuple[Path, 
     )
     assert out["status"] == "promoted" and out["version"] == "scosparc-p12-v1" and out["parent"] == BASE
     assert after["iou"] > before["iou"] + 0.005
-    assert out["heldout"] >= 2 and out["heldout"] + out["train_images"] == N_GROUPS * N_CORRECTED
+    assert out["heldout"] + out["train_images"] == N_GROUPS * N_CORRECTED
     assert out["images"] == N_GROUPS * N_IMAGES
+    # the evidence: 8 held-out images (by their hashes), the bootstrap's bound above the margin
+    ev = out["evidence"]
+    print(out["decision"])
+    assert ev["n"] == out["heldout"] == 8 and ev["promoted"] and out["decision"].startswith("promoted: iou")
+    assert ev["mean_gain"] == pytest.approx(after["iou"] - before["iou"]) and ev["lower"] > 0.005
+    rule = {"metric": "iou", "margin": 0.005, "min_heldout": 5, "confidence": 0.95, "resamples": 2000}
+    assert ev["rule"] == {**rule, "seed": 0}
 
 
 @pytest.mark.slow
@@ -133,8 +140,11 @@ def test_registry_records_and_serves_the_new_version(
     assert v1.parent == BASE and v1.promoted and v1.scores["iou"] == out["scores"]["iou"]
     assert versions[0].scores["iou"] == out["active_scores"]["iou"]
     assert len(v1.data_ids) == out["train_images"] and not set(v1.data_ids) & set(v1.heldout_ids)
+    assert v1.evidence == out["evidence"] and v1.decision == out["decision"]
+    assert sorted(image for _, image in (i["image"] for i in v1.evidence["images"])) == v1.heldout_ids
     ckpt = load_stage1(v1.path)
     assert ckpt.parent == BASE and ckpt.metrics["heldout"]["iou"] == out["scores"]["iou"]
+    assert ckpt.metrics["promotion"]["lower"] == out["evidence"]["lower"]
     assert ckpt.config["finetune"]["steps"] == CONFIG.steps
     pipe, version = reg.serving(PROJECT, real_pipeline, BASE)
     assert version == "scosparc-p12-v1"
@@ -192,6 +202,23 @@ def test_margin_and_metric_decide(tmp_path: Path, fast_pipeline: Pipeline) -> No
     assert out["status"] == "rejected"  # nothing improves IoU by a whole point
     with pytest.raises(ValueError, match="'f1'"):
         finetune_job(tmp_path, fast_pipeline, promote_metric="f1", config=ft.FinetuneConfig(steps=2))
+
+
+def test_too_few_heldout_images_keep_the_candidate_until_promoted_by_hand(
+    tmp_path: Path, fast_pipeline: Pipeline
+) -> None:
+    # margin -1 would promote any candidate; 8 held-out images are under a minimum of 9
+    cfg = ft.FinetuneConfig(steps=5, lr=3e-3)
+    out = finetune_job(tmp_path, fast_pipeline, config=cfg, promote_margin=-1.0, promote_min_heldout=9)
+    assert out["status"] == "rejected" and out["active"] == BASE and out["heldout"] == 8
+    assert out["decision"] == "kept: 8 held-out images, promotion needs at least 9"
+    assert out["evidence"]["n"] == 8 and out["evidence"]["lower"] is None
+    reg = Registry(Store(tmp_path))
+    rec = reg.get(PROJECT, "scosparc-p12-v1")
+    assert rec is not None and rec.status == "rejected" and rec.decision == out["decision"]
+    reg.promote(PROJECT, "scosparc-p12-v1")  # what `cosod-backend promote` does
+    assert reg.active_name(PROJECT) == "scosparc-p12-v1"
+    assert reg.serving(PROJECT, fast_pipeline, BASE)[1] == "scosparc-p12-v1"
 
 
 def test_too_few_corrections_skips_and_resets(tmp_path: Path, real_pipeline: Pipeline) -> None:

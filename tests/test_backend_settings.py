@@ -59,6 +59,7 @@ TODAYS_DEFAULTS: dict[str, Any] = {
     "train_every": 10,
     "promote_metric": "iou",
     "promote_margin": 0.005,
+    "promote_min_heldout": 5,
     "finetune_steps": 300,
     "finetune_lr": 1e-3,
     "heldout_fraction": 0.2,
@@ -67,6 +68,7 @@ TODAYS_DEFAULTS: dict[str, Any] = {
 }
 # The fields that must be a whole number >= 1, by their variable.
 AT_LEAST_ONE = (
+    "COSOD_PROMOTE_MIN_HELDOUT",
     "COSOD_MAX_REFS",
     "COSOD_MAX_GROUP_IMAGES",
     "COSOD_MAX_IMAGE_BYTES",

@@ -45,16 +45,6 @@ def test_mask_to_grid_is_the_cell_fraction() -> None:
     assert sq.shape == (4, 4) and sq[0, 0] == 1 and sq[3, 0] == 0
 
 
-def test_promotion_rule() -> None:
-    assert ft.is_better({"iou": 0.62}, {"iou": 0.60}, "iou", 0.01)
-    assert not ft.is_better({"iou": 0.605}, {"iou": 0.60}, "iou", 0.01)
-    assert ft.is_better({"mae": 0.05}, {"mae": 0.08}, "mae", 0.01)  # lower is better
-    assert not ft.is_better({"hce": 12.0}, {"hce": 10.0}, "hce", 0.0)
-    assert not ft.is_better({"n_images": 0}, {"iou": 0.5}, "iou", 0.0)
-    with pytest.raises(ValueError, match="'f1'"):
-        ft.is_better({}, {}, "f1", 0.0)
-
-
 def test_config_and_group_validation() -> None:
     with pytest.raises(ValueError, match="1.5"):
         ft.FinetuneConfig(heldout_fraction=1.5)
@@ -127,6 +117,14 @@ def test_evaluate_heldout_scores_the_truth_as_perfect(tiny_pipeline: Pipeline) -
     wrong = ft.evaluate_heldout(Oracle({h: ~m for h, m in truth.items()}), groups, held)  # type: ignore[arg-type]
     assert wrong["iou"] == 0.0 and wrong["mae"] == 1.0
     assert ft.evaluate_heldout(Oracle(truth), groups, set()) == {"n_images": 0}  # type: ignore[arg-type]
+    # per image, keyed (group, image hash): the one image answered wrong scores 0, the others 1
+    miss = sorted(held)[0]
+    half = {h: (~m if h == miss else m) for h, m in truth.items()}
+    scored = ft.score_heldout(Oracle(half), groups, held)  # type: ignore[arg-type]
+    where = {h: g.name for g in groups for h in g.hashes}
+    assert scored.metric("iou") == {(where[h], h): 0.0 if h == miss else 1.0 for h in held}
+    assert scored.summary["iou"] == pytest.approx(2 / 3) and scored.summary["n_images"] == 3
+    assert ft.score_heldout(Oracle(truth), groups, set()).per_image == {}  # type: ignore[arg-type]
 
 
 @pytest.mark.slow

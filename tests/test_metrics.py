@@ -155,6 +155,27 @@ def test_averages_are_per_image_over_the_dataset_not_per_group() -> None:
     assert res["overall"]["max_f"] == pytest.approx(float(_reference(pairs)["max_f"]), abs=1e-12)
 
 
+def test_per_image_measures_are_each_image_evaluated_alone() -> None:
+    pairs = _fixtures()
+    ev = CoSODEvaluator()
+    for k, (pred, gt) in enumerate(pairs):
+        ev.step(pred, gt, group="g" if k else None, name=f"img{k}")
+    rows = ev.per_image()
+    assert [(r["group"], r["name"]) for r in rows] == [(None, "img0"), ("g", "img1"), ("g", "img2")]
+    assert [r["mae"] for r in rows] == pytest.approx([MAE_A, MAE_B, MAE_C], abs=1e-12)
+    assert [r["iou"] for r in rows] == pytest.approx([IOU_A, IOU_B, IOU_C], abs=1e-12)
+    assert rows[0]["max_f"] == pytest.approx(0.8, abs=1e-12)  # the hand-computed F of image A
+    for row, pair in zip(rows, pairs, strict=True):
+        alone = _evaluate([pair])["overall"]
+        for key in METRIC_KEYS:
+            assert row[key] == pytest.approx(alone[key], abs=1e-12), key
+    # the per-image means are the overall numbers, except max F / E (the max of the averaged curve)
+    overall = ev.results()["overall"]
+    for key in ("mae", "iou", "s_measure", "hce", "mean_f", "mean_e"):
+        assert np.mean([r[key] for r in rows]) == pytest.approx(overall[key], abs=1e-12), key
+    assert CoSODEvaluator().per_image() == []
+
+
 def test_prediction_of_another_size_is_resized_bilinearly() -> None:
     gt = _square()
     small = np.zeros((10, 10), np.uint8)

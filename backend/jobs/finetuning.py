@@ -72,6 +72,7 @@ def finetune(project_id: int) -> dict[str, Any]:
             promote_metric=s.promote_metric,
             max_pixels=s.max_image_pixels,
             promote_margin=s.promote_margin,
+            promote_min_heldout=s.promote_min_heldout,
             min_corrections=s.finetune_min_corrections,
             progress=progress,
             owner=finetune_job_id(project_id),

@@ -2,8 +2,8 @@
 
 :func:`run_finetune` is the body of the fine-tune job (:mod:`backend.jobs.finetuning` runs it on a worker):
 corrections and their images in, a candidate head trained, scored against the active version on the
-held-out corrections, written atomically, registered, and activated only on evidence
-(:func:`cosod.finetune.is_better`).
+held-out corrections, written atomically, registered, and activated only on evidence: enough held-out
+images and a paired bootstrap of the per-image gain (:func:`cosod.promotion.decide`).
 
 Killed fine-tunes: :func:`run_finetune` holds the project's lock (:meth:`~.versions.Registry.locked`) and
 a marker in it from start to end; an exception clears the marker, a kill cannot. The next fine-tune of the
@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from cosod.imageio import DEFAULT_MAX_PIXELS
+from cosod.promotion import MIN_HELDOUT, PromotionRule, decide
 
 from ..grouping import TaskRef, group_key
 from .corrections import encode_group_key
@@ -56,6 +57,7 @@ def run_finetune(
     config: Any = None,
     promote_metric: str = "iou",
     promote_margin: float = 0.005,
+    promote_min_heldout: int = MIN_HELDOUT,
     max_context: int = 24,
     min_corrections: int = 3,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -68,8 +70,10 @@ def run_finetune(
     the image hashes), adds up to ``max_context`` uncorrected members per group from ``list_group_tasks``
     (``project -> TaskRef list``, optional), fine-tunes a copy of the active head
     (:func:`cosod.finetune.finetune`, ``config`` a FinetuneConfig), scores active and candidate on the
-    held-out corrections, writes the candidate atomically, registers it, and activates it only if
-    :func:`cosod.finetune.is_better` on ``promote_metric`` by ``promote_margin``. The project's change
+    held-out corrections, writes the candidate atomically, registers it, and activates it only on the
+    evidence of :func:`cosod.promotion.decide` (at least ``promote_min_heldout`` held-out images, and the
+    bootstrap's lower bound of the mean per-image gain on ``promote_metric`` above ``promote_margin``),
+    recorded as the version's ``evidence`` and summed up in its ``decision``. The project's change
     counter is reset (to what was read at the start) in the registration transaction. Returns a summary.
     A crash at any point leaves the active version serving and no registered half-written checkpoint.
 
@@ -87,10 +91,7 @@ def run_finetune(
     from cosod import finetune as ft
     from cosod.pipeline import describe
 
-    if promote_metric not in ft.HIGHER_IS_BETTER:
-        raise ValueError(
-            f"unknown promotion metric {promote_metric!r}; known: {', '.join(ft.HIGHER_IS_BETTER)}"
-        )
+    rule = PromotionRule(metric=promote_metric, margin=promote_margin, min_heldout=promote_min_heldout)
     with claim_project(registry, project_id, owner) as claim:
         t0 = time.perf_counter()
         cfg = config or ft.FinetuneConfig()
@@ -143,15 +144,11 @@ def run_finetune(
             active_pipe, groups, cfg, on_step=lambda s, r: _stage(progress, "train", step=s, **r)
         )
         held = set(result.heldout_hashes)
-        active_scores = ft.evaluate_heldout(active_pipe, groups, held)
-        cand_pipe = ft.head_pipeline(base_pipeline, result.head)
-        cand_scores = ft.evaluate_heldout(cand_pipe, groups, held)
-        promoted = ft.is_better(cand_scores, active_scores, promote_metric, promote_margin)
-        decision = (
-            f"{promote_metric}: candidate {cand_scores.get(promote_metric, float('nan')):.4f} vs active "
-            f"{active_scores.get(promote_metric, float('nan')):.4f}, margin {promote_margin}: "
-            + ("promoted" if promoted else "kept the active version")
-        )
+        active_held = ft.score_heldout(active_pipe, groups, held)
+        cand_held = ft.score_heldout(ft.head_pipeline(base_pipeline, result.head), groups, held)
+        active_scores, cand_scores = active_held.summary, cand_held.summary
+        evidence = decide(cand_held.metric(rule.metric), active_held.metric(rule.metric), rule).as_dict()
+        promoted, decision = bool(evidence["promoted"]), str(evidence["decision"])
         _stage(progress, "evaluated", candidate=cand_scores, active=active_scores)
 
         version = registry.next_version(project_id, model)
@@ -168,6 +165,7 @@ def run_finetune(
                 "train": result.train_metrics,
                 "heldout": cand_scores,
                 "active_heldout": active_scores,
+                "promotion": {k: v for k, v in evidence.items() if k != "images"},
             },
         }
         _save_head(model, base_pipeline, result.head, path, record)
@@ -183,6 +181,7 @@ def run_finetune(
             latest_scores=cand_scores,
             promoted=promoted,
             decision=decision,
+            evidence=evidence,
             data_ids=record["data_ids"],
             heldout_ids=sorted(held),
             config=record["config"],
@@ -199,6 +198,7 @@ def run_finetune(
             "parent": active_version,
             "active": version if promoted else active_version,
             "decision": decision,
+            "evidence": evidence,
             "scores": cand_scores,
             "active_scores": active_scores,
             "heldout": len(held),

@@ -5,7 +5,7 @@ registered, with no checkpoint, as the parent of the first fine-tune; fine-tuned
 ``<model>-p<project>-v<n>`` (n = 1, 2, ... per project). A version's checkpoint lives at
 ``MODEL_DIR/versions/p<project>/<version>.pt``, written atomically *before* its row is inserted, so a crash
 leaves at most an unregistered file and never a registered half-written one. The row holds the record
-(parent, data ids, config, training metrics, held-out scores, promotion decision) as JSON.
+(parent, data ids, config, training metrics, held-out scores, promotion decision and its evidence) as JSON.
 
 Serving: :meth:`Registry.serving` gives ``(pipeline, version)`` for a project: the base pipeline and its name
 while no fine-tuned version is active (or after a rollback to the base), else a :class:`~cosod.pipeline.
@@ -67,6 +67,7 @@ class VersionRecord:
     latest_scores: dict[str, Any] = field(default_factory=dict)
     promoted: bool = False
     decision: str = ""
+    evidence: dict[str, Any] = field(default_factory=dict)  # cosod.promotion.Evidence: n, gains, bound
     data_ids: list[str] = field(default_factory=list)
     heldout_ids: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)

@@ -47,8 +47,11 @@ def test_annotate_finetune_promote_retrieve(label_studio, start_backend, tmp_pat
     base = tmp_path_factory.mktemp("learning")
     groups = {"red": 5, "blue": 5, "green": 5}
     project, task_group = e2e.create_grouped_project(label_studio, groups, title="cosod learning")
+    # 0.3 of the 15 corrected images are held out: 7 of them (by their hashes), over the default minimum of
+    # 5 images a promotion needs (0.2 would hold out 3, and the candidate would be kept, not promoted)
     env = {
         "COSOD_TRAIN_EVERY": "1000",
+        "COSOD_HELDOUT_FRACTION": "0.3",
         "COSOD_FINETUNE_STEPS": "150",
         "COSOD_CACHE_DIR": str(base / "features"),
     }
@@ -91,7 +94,13 @@ def test_annotate_finetune_promote_retrieve(label_studio, start_backend, tmp_pat
             time.sleep(1.0)
         candidate = next(r for r in info["versions"] if r["parent"] == v0)
         print(f"held-out before {candidate['active_scores']}, after {candidate['scores']}")
+        print(candidate["decision"])
         assert candidate["scores"]["iou"] > candidate["active_scores"]["iou"]
+        # promoted on evidence: 7 paired held-out images, the bootstrap's lower bound above the margin
+        evidence = candidate["evidence"]
+        assert evidence["n"] == 7 == len(candidate["heldout_ids"]) and evidence["promoted"]
+        assert evidence["lower"] > evidence["rule"]["margin"] and candidate["decision"].startswith("promoted")
+        assert sorted(i["image"][1] for i in evidence["images"]) == candidate["heldout_ids"]
         assert candidate["status"] == "active" and info["active"] == candidate["version"] != v0
         v1 = candidate["version"]
         assert v1 == f"scosparc-p{project}-v1"
