@@ -28,7 +28,7 @@ export COSOD_BACKBONE
 LS_VENV ?= .venv-ls
 export LS_BIN ?= $(abspath $(LS_VENV))/bin/label-studio
 
-.PHONY: install run worker test test-latest test-compose lock lint typecheck bench clean ls-venv
+.PHONY: install run worker test test-latest test-compose lock lint typecheck bench clean ls-venv browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,8 +65,23 @@ run: install
 worker: install
 	$(BIN)/cosod-worker
 
-test: install ls-venv
+test: install ls-venv browser
 	$(BIN)/python -m pytest -q
+
+# The real-browser test (tests/e2e/test_browser.py) drives Debian's chromium through its chromedriver, never a
+# browser that a tool downloads. As root they are installed with apt when missing; otherwise this says what to
+# install and the test skips (CI sets COSOD_TEST_BROWSER=required, which makes a missing browser fail it).
+BROWSER_PKGS := chromium chromium-driver
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "make browser: installing $(BROWSER_PKGS) with apt"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q $(BROWSER_PKGS) >/dev/null || { apt-get update -q >/dev/null && \
+			apt-get install -y -q $(BROWSER_PKGS) >/dev/null; } || \
+			echo "make browser: apt could not install $(BROWSER_PKGS) (the browser test skips without them)"; \
+	else echo "make browser: /usr/bin/chromium or /usr/bin/chromedriver is missing: as root, apt-get install -y" \
+		"$(BROWSER_PKGS) (the browser test skips without them)"; fi
 
 # Regenerate the lock from pyproject.toml's ranges (and requirements/caps.txt, this machine's torch cap). Pins that
 # still satisfy the ranges are kept; `make lock UPGRADE=1` moves every package to its newest allowed release.

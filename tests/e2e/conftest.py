@@ -394,6 +394,8 @@ def e2e() -> Any:
 
     return SimpleNamespace(
         TOKEN=TOKEN,
+        USER=USER,
+        PASSWORD=PASSWORD,
         ls_api=ls_api,
         create_grouped_project=create_grouped_project,
         group_png=group_png,
