@@ -1,6 +1,6 @@
-"""The fine-tune job: one per project at a time, queued by :func:`enqueue_finetune` when the webhook has
-stored ``COSOD_TRAIN_EVERY`` corrections (or on START_TRAINING); the work itself is
-:func:`backend.learning.finetune.run_finetune`.
+"""The fine-tune job: one per project at a time, queued by :func:`schedule_finetune` when the webhook has
+stored ``COSOD_TRAIN_EVERY`` corrections (or on START_TRAINING) and the project has at least
+``COSOD_FINETUNE_MIN_CORRECTIONS``; the work itself is :func:`backend.learning.finetune.run_finetune`.
 
 Killed fine-tunes are done again. The job is queued with ``COSOD_JOB_RETRIES`` retries, so when its
 worker dies the reaper of a live worker re-queues it (about two heartbeats later), and the next run deletes
