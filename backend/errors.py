@@ -141,6 +141,18 @@ class JobNotFoundError(BackendError):
     status = 404
 
 
+class UnknownVersionError(BackendError, LookupError):
+    """``POST /versions/promote``: the project has no registered version of that name."""
+
+    status = 404
+
+
+class VersionUnusableError(BackendError):
+    """``POST /versions/promote``: the version is registered but cannot serve (its checkpoint is gone)."""
+
+    status = 409
+
+
 class UsageError(Exception):
     """``cosod-backend``: bad input or an unreachable service: one line on stderr, exit code 2."""
 

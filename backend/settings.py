@@ -64,6 +64,8 @@ Environment variables (primary name, then aliases) -> field, default:
 - COSOD_FINETUNE_MIN_CORRECTIONS -> 3: below this a fine-tune is skipped
 - COSOD_FINETUNE_TIMEOUT -> finetune_timeout, 7200 s
 - (no variable) -> http_timeout, 30 s: the timeout of each Label Studio HTTP request
+- COSOD_BACKEND_URL -> backend_url, http://127.0.0.1:9090: the running backend ``cosod-backend`` talks to
+  (its ``--backend`` option wins)
 
 How values are read: ``Settings.from_env(env)`` reads only ``env`` (default ``os.environ``; never a ``.env``
 file). A variable's value is stripped of surrounding whitespace, and an empty (or blank) value counts as
@@ -240,6 +242,7 @@ class Settings(BaseSettings):
     heldout_fraction: float = _env(0.2, "COSOD_HELDOUT_FRACTION", gt=0, lt=1)
     finetune_min_corrections: int = _env(3, "COSOD_FINETUNE_MIN_CORRECTIONS", ge=1)
     finetune_timeout: int = _env(7200, "COSOD_FINETUNE_TIMEOUT", ge=1)
+    backend_url: str = _env("http://127.0.0.1:9090", "COSOD_BACKEND_URL")
 
     def __init__(self, **values: Any) -> None:
         """Keyword construction by field name; a bad value raises ``ValueError`` (see ``_explain``)."""
@@ -320,7 +323,7 @@ class Settings(BaseSettings):
             return v.lower() in _TRUE
         raise ValueError("must be 1 or 0 (true or false)")
 
-    @field_validator("label_studio_url")
+    @field_validator("label_studio_url", "backend_url")
     @classmethod
     def _http_url(cls, v: str | None) -> str | None:
         v = v.rstrip("/") if v else v

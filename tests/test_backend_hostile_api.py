@@ -103,7 +103,9 @@ def test_redis_down_answers_503_without_the_password(make_client) -> None:
 def test_a_webhook_stores_the_correction_when_the_fine_tune_cannot_be_queued(make_client) -> None:
     from test_backend_learning import annotation_event  # the webhook payload of a real brush correction
 
-    client = make_client(redis_url=f"redis://:{SECRET}@127.0.0.1:1/0", train_every=1)
+    client = make_client(
+        redis_url=f"redis://:{SECRET}@127.0.0.1:1/0", train_every=1, finetune_min_corrections=1
+    )
     assert setup(client).status_code == 200
     event = annotation_event(project=12, task=101, annotation=1, rng=np.random.default_rng(0))
     r = client.post("/webhook", json=event)

@@ -65,6 +65,7 @@ TODAYS_DEFAULTS: dict[str, Any] = {
     "heldout_fraction": 0.2,
     "finetune_min_corrections": 3,
     "finetune_timeout": 7200,
+    "backend_url": "http://127.0.0.1:9090",
 }
 # The fields that must be a whole number >= 1, by their variable.
 AT_LEAST_ONE = (

@@ -1,4 +1,5 @@
-"""The Label Studio ML backend protocol on Flask: /health, /setup, /predict, /webhook, /versions, /metrics.
+"""The Label Studio ML backend protocol on Flask: /health, /setup, /predict, /webhook, /versions, /metrics
+(and the blueprints of :mod:`.jobs_routes` and :mod:`.versions_routes`: /jobs, POST /versions/promote).
 
 :func:`create_app` is the composition root of the API process: it builds the model
 (:func:`backend.prediction.build_model`, with the fine-tune trigger of :mod:`backend.jobs.enqueue`),
@@ -22,8 +23,7 @@ from werkzeug.exceptions import HTTPException
 
 from ..errors import BackendError, BadRequestError, quote, redact, redact_all
 from ..jobs.context import JobContext, install_context
-from ..jobs.enqueue import enqueue_finetune
-from ..jobs.finetuning import recover_finetunes
+from ..jobs.finetuning import recover_finetunes, schedule_finetune
 from ..jobs.rqueue import count_alive
 from ..labelstudio.protocol import LEARNING_EVENTS, parse_id
 from ..metrics import CONTENT_TYPE, Metrics, VersionsCollector
@@ -32,6 +32,7 @@ from ..prediction.pipelines import PipelineFactory, PipelineLoader
 from ..settings import Settings
 from .guard import action_label, authorized, json_object, method_label
 from .jobs_routes import blueprint as jobs_blueprint
+from .versions_routes import blueprint as versions_blueprint
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
     _configure_logging(settings.log_level)
     metrics = Metrics()
     model = build_model(
-        settings, pipeline_factory, metrics, schedule_finetune=partial(enqueue_finetune, settings)
+        settings, pipeline_factory, metrics, schedule_finetune=partial(schedule_finetune, settings)
     )
     loader, ls = model.loader, model.ls
     metrics.add_shared_collector(VersionsCollector(model.versions))
@@ -116,6 +117,7 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
         target=_publish_readiness, args=(loader, metrics), name="cosod-ready-gauge", daemon=True
     ).start()
     app.register_blueprint(jobs_blueprint)
+    app.register_blueprint(versions_blueprint)
 
     @app.before_request
     def _before() -> Response | None:

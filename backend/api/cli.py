@@ -1,18 +1,32 @@
-"""``cosod-backend``: talk to a running backend's /jobs API.
+"""``cosod-backend``: talk to a running backend over its HTTP API (it never opens MODEL_DIR itself).
 
-    cosod-backend prelabel --project N [--group-by RULE] [--group NAME ...] [--wait] [--backend URL]
-    cosod-backend jobs [--project N] [--backend URL]
-    cosod-backend cancel JOB_ID [--backend URL]
+    cosod-backend [--backend URL] prelabel --project N [--group-by RULE] [--group NAME ...] [--wait]
+    cosod-backend [--backend URL] jobs [--project N]
+    cosod-backend [--backend URL] cancel JOB_ID
+    cosod-backend [--backend URL] versions --project N
+    cosod-backend [--backend URL] promote --project N --version NAME
 
-Exit codes: 0 done; 1 some job failed or was canceled (each reason printed); 2 bad input or nothing to talk
-to (unknown project, backend or Redis unreachable), with one line on stderr. Basic auth comes from
-``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS``, as for the server.
+The backend: ``--backend URL``, given before or after the sub-command (``cosod-backend jobs --backend URL``
+works too), else the ``COSOD_BACKEND_URL`` environment variable, else ``http://127.0.0.1:9090``. Basic auth
+comes from ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS``, as for the server.
+
+- ``versions`` (``GET /versions?project=N``): the project's versions with their held-out scores, ``*``
+  marking the one that serves.
+- ``promote`` (``POST /versions/promote``): makes a version the active one (roll back or forward); every
+  backend process serves it from its next request. The base model's name rolls back to the base model.
+- ``cancel`` (``DELETE /jobs/<id>``) says what it did in one line: ``canceled job X (was queued)``,
+  ``job X is running: asked it to stop at its next progress step``, or ``job X had already finished:
+  nothing to cancel``.
+
+Exit codes: 0 done (``cancel``: the job is canceled or stopping); 1 some job failed or was canceled
+(``prelabel --wait``, each reason printed), or ``cancel`` found nothing to cancel (the job had already
+ended); 2 bad input or nothing to talk to (unknown project, version or job, backend or Redis unreachable),
+with one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any
@@ -22,7 +36,6 @@ import requests
 from ..errors import UsageError
 from ..settings import Settings
 
-DEFAULT_BACKEND = "http://127.0.0.1:9090"
 FINAL = ("finished", "failed", "canceled", "stopped")
 
 
@@ -73,41 +86,44 @@ def _wait(api: Api, ids: list[str], poll: float) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cosod-backend", description="batch jobs of the cosod ML backend")
-    p.add_argument("--backend", default=DEFAULT_BACKEND, help=f"backend URL (default {DEFAULT_BACKEND})")
+    backend_help = "the backend's URL (default: $COSOD_BACKEND_URL, else http://127.0.0.1:9090)"
+    p = argparse.ArgumentParser(prog="cosod-backend", description="talk to a running cosod ML backend")
+    p.add_argument("--backend", help=backend_help)
+    # the same option after the sub-command; SUPPRESS keeps a value given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--backend", default=argparse.SUPPRESS, help=backend_help)
     sub = p.add_subparsers(dest="command", required=True)
-    pre = sub.add_parser("prelabel", help="pre-annotate a whole project, one job per group")
+    pre = sub.add_parser("prelabel", parents=[common], help="pre-annotate a whole project, one job per group")
     pre.add_argument("--project", type=int, required=True, help="Label Studio project id")
     pre.add_argument("--group-by", help="'project' or 'field:<name>' (default: the project's rule)")
     pre.add_argument("--group", action="append", dest="groups", help="only this group (repeatable)")
     pre.add_argument("--wait", action="store_true", help="show a progress bar until every job ends")
     pre.add_argument("--poll", type=float, default=0.5, help="seconds between status polls (--wait)")
-    ls = sub.add_parser("jobs", help="list jobs")
+    ls = sub.add_parser("jobs", parents=[common], help="list jobs")
     ls.add_argument("--project", type=int)
-    cancel = sub.add_parser("cancel", help="cancel a job")
+    cancel = sub.add_parser("cancel", parents=[common], help="cancel a job (exit 1: nothing to cancel)")
     cancel.add_argument("job_id")
-    ver = sub.add_parser("versions", help="a project's model versions with their held-out scores (MODEL_DIR)")
+    ver = sub.add_parser("versions", parents=[common], help="a project's model versions with their scores")
     ver.add_argument("--project", type=int, required=True)
-    pro = sub.add_parser("promote", help="make a version the active one: roll back or forward (MODEL_DIR)")
+    pro = sub.add_parser("promote", parents=[common], help="make a version the active one")
     pro.add_argument("--project", type=int, required=True)
     pro.add_argument("--version", required=True)
     return p
 
 
-def _registry(settings: Settings) -> Any:
-    from ..learning.store import Store
-    from ..learning.versions import Registry
-
-    return Registry(Store(settings.model_dir))
-
-
-def _versions(settings: Settings, project: int) -> int:
-    registry = _registry(settings)
-    records = registry.list_versions(project)
+def _versions(api: Api, project: int) -> int:
+    body = api.call("GET", f"/versions?project={project}")
+    found = [p for p in body.get("projects") or [] if p.get("project") == project]
+    if not found:
+        raise UsageError(
+            f"project {project}: the backend at {api.url} lists no version of it (no /setup seen for it, "
+            "or its model is still loading: see /health)"
+        )
+    info = found[0]
+    records, active = info.get("versions") or [], info.get("active")
     if not records:
-        print(f"project {project}: no fine-tuned version yet in {settings.model_dir} (the base model serves)")
+        print(f"project {project}: no fine-tuned version yet; the base model {active} serves")
         return 0
-    active = registry.active_name(project)
     metrics = ("iou", "max_f", "mae", "hce")
     print(
         f"  {'version':26s} {'status':10s} {'parent':28s} "
@@ -115,25 +131,51 @@ def _versions(settings: Settings, project: int) -> int:
         + "  decision"
     )
     for r in records:
-        scores = [(r.scores or {}).get(m) for m in metrics]
+        scores = [(r.get("scores") or {}).get(m) for m in metrics]
         shown = " ".join(f"{v:7.3f}" if isinstance(v, int | float) else f"{'-':>7s}" for v in scores)
-        mark = "*" if r.version == active else " "
-        print(f"{mark} {r.version:26s} {r.status:10s} {str(r.parent or '-'):28s} {shown}  {r.decision}")
+        mark = "*" if r["version"] == active else " "
+        print(
+            f"{mark} {r['version']:26s} {r['status']:10s} {str(r.get('parent') or '-'):28s} {shown}  "
+            f"{r.get('decision') or ''}"
+        )
     return 0
+
+
+def _cancel(api: Api, job_id: str) -> int:
+    out = api.call("DELETE", f"/jobs/{job_id}")
+    was, outcome = out.get("was"), out.get("outcome")
+    if outcome == "canceled":
+        print(f"canceled job {job_id} (was {was})")
+        return 0
+    if outcome == "stopping":
+        print(f"job {job_id} is running: asked it to stop at its next progress step")
+        return 0
+    ended = {"finished": "had already finished", "failed": "had already failed"}.get(
+        str(was), f"was already {was}"
+    )
+    print(f"job {job_id} {ended}: nothing to cancel")
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = Settings.from_env()
-        if args.command == "versions":
-            return _versions(settings, args.project)
-        if args.command == "promote":
-            rec = _registry(settings).promote(args.project, args.version)
-            print(f"project {args.project}: {rec.version} is now the active version")
-            return 0
+        url = args.backend or settings.backend_url
+        if not url.startswith(("http://", "https://")):
+            raise UsageError(f"--backend must be an http:// or https:// URL, got {url!r}")
         auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth else None
-        api = Api(args.backend, auth)  # type: ignore[arg-type]
+        api = Api(url, auth)  # type: ignore[arg-type]
+        if args.command == "versions":
+            return _versions(api, args.project)
+        if args.command == "promote":
+            asked = {"project": args.project, "version": args.version}
+            out = api.call("POST", "/versions/promote", json=asked)
+            now, was = out["active"], out["previous"]
+            print(f"project {args.project}: {now} is now the active version (was {was})")
+            if out.get("warning"):
+                print(f"warning: {out['warning']}", file=sys.stderr)
+            return 0
         if args.command == "prelabel":
             body: dict[str, Any] = {"project": args.project}
             if args.group_by:
@@ -154,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 prog = job.get("progress") or {}
                 print(f"{job['id']}\t{job['status']}\t{prog.get('done', '-')}/{prog.get('total', '-')}")
             return 0
-        print(json.dumps(api.call("DELETE", f"/jobs/{args.job_id}"), indent=2))
-        return 0
+        return _cancel(api, args.job_id)
     except (UsageError, ValueError) as exc:
         print(f"cosod-backend: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,8 @@
 - ``GET /jobs/coverage?project=N`` -> per group: tasks with and without a prediction of the serving version,
   and its job's status (``"missing"`` when the queue forgot it; see :mod:`backend.jobs.coverage`)
 - ``DELETE /jobs/<id>`` -> cancels it (a queued job is dropped, a running one stops at its next progress step)
+  and answers the job plus ``was`` (its status before) and ``outcome``: ``"canceled"`` (it was queued),
+  ``"stopping"`` (it was running) or ``"nothing to cancel"`` (it had already ended)
 
 Bad input answers 4xx JSON naming the problem; a Redis outage answers 503.
 """
@@ -134,10 +136,16 @@ def list_jobs() -> Response:
 def cancel_job(job_id: str) -> Response:
     if not is_job_id(job_id):
         raise JobNotFoundError(f"no job {quote(job_id)} (not a job id)")
+    q = _queue()
     try:
-        info = _queue().cancel(job_id)
+        before = q.fetch(job_id)
+        info = q.cancel(job_id) if before is not None else None
     except jobqueue.QueueUnavailableError as exc:
         raise QueueDownError(str(exc)) from None
-    if info is None:
+    if before is None or info is None:
         raise JobNotFoundError(f"no job {quote(job_id)} (unknown, or expired after its TTL)")
-    return jsonify(_public(info.to_dict()))
+    if before.status == "started":
+        outcome = "stopping"
+    else:
+        outcome = "canceled" if before.status in jobqueue.ACTIVE else "nothing to cancel"
+    return jsonify({**_public(info.to_dict()), "was": before.status, "outcome": outcome})

@@ -6,7 +6,8 @@
   nothing new: a job with that id that is queued, running or finished is left alone. A group whose tasks
   changed since gets a new job, which skips what is predicted.
 - :func:`enqueue_finetune` (defined in :mod:`backend.jobs.finetuning`, named here too): the project's
-  fine-tune, unless one is queued or running; the webhook calls it through ``CoSODModel.schedule_finetune``.
+  fine-tune, unless one is queued or running; the webhook calls it through ``CoSODModel.schedule_finetune``
+  (:func:`backend.jobs.finetuning.schedule_finetune`, which also says the job's state).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The fine-tune job: one per project at a time, queued by :func:`enqueue_finetune` when the webhook has
-stored ``COSOD_TRAIN_EVERY`` corrections (or on START_TRAINING); the work itself is
-:func:`backend.learning.finetune.run_finetune`.
+"""The fine-tune job: one per project at a time, queued by :func:`schedule_finetune` when the webhook has
+stored ``COSOD_TRAIN_EVERY`` corrections (or on START_TRAINING) and the project has at least
+``COSOD_FINETUNE_MIN_CORRECTIONS``; the work itself is :func:`backend.learning.finetune.run_finetune`.
 
 Killed fine-tunes are done again. The job is queued with ``COSOD_JOB_RETRIES`` retries, so when its
 worker dies the reaper of a live worker re-queues it (about two heartbeats later), and the next run deletes
@@ -91,6 +91,35 @@ def enqueue_finetune(settings: Settings, project_id: int) -> str:
     """Enqueue the project's fine-tune unless one is already queued or running (one id per project, not
     kept once finished, so the next batch of corrections can start the next one). Returns the job id.
     ``COSOD_JOB_RETRIES`` retries: a run whose worker died is run again."""
+    return _enqueue(settings, project_id).job_id
+
+
+def schedule_finetune(settings: Settings, project_id: int) -> dict[str, Any]:
+    """:func:`enqueue_finetune` for the webhook, saying what happened: ``{"job": id, "finetune_job": id,
+    "finetune_state": the job's status now (queued, started...), "finetune_new": False when one was already
+    queued or running, "message": one line}``. Raises :class:`JobQueueError` when the queue is down."""
+    enq = _enqueue(settings, project_id)
+    try:
+        info = jobqueue.get_queue(settings).fetch(enq.job_id)
+    except JobQueueError:  # enqueued a moment ago: the state is the only thing not known
+        info = None
+    state = info.status if info is not None else "queued"
+    follow = f"follow it: GET /jobs/{enq.job_id} or `cosod-backend jobs --project {project_id}`"
+    message = (
+        f"fine-tune {enq.job_id} {state}; {follow}"
+        if enq.created
+        else f"a fine-tune is already {'running' if state == 'started' else state}: {enq.job_id}; {follow}"
+    )
+    return {
+        "job": enq.job_id,
+        "finetune_job": enq.job_id,
+        "finetune_state": state,
+        "finetune_new": enq.created,
+        "message": message,
+    }
+
+
+def _enqueue(settings: Settings, project_id: int) -> jobqueue.Enqueued:
     q = jobqueue.get_queue(settings)
     enq = q.enqueue(
         finetune,
@@ -107,7 +136,7 @@ def enqueue_finetune(settings: Settings, project_id: int) -> str:
     log.info(
         "project %s: fine-tune %s (%s)", project_id, enq.job_id, "new" if enq.created else "already queued"
     )
-    return enq.job_id
+    return enq
 
 
 def recover_finetunes(ctx: JobContext | None = None) -> list[dict[str, Any]]:

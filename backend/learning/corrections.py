@@ -264,6 +264,7 @@ def handle_event(
     train_every: int = DEFAULT_TRAIN_EVERY,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     known: Callable[[int], bool] | None = None,
+    min_corrections: int = 1,
 ) -> dict[str, Any]:
     """Store (or delete) the correction an event carries; say whether a fine-tune should be enqueued.
 
@@ -273,8 +274,11 @@ def handle_event(
     (``Settings.max_image_pixels``); ``known``: whether a project is set up (default
     :func:`project_is_set_up`). Returns ``{"action", "project", "task", "annotation", "stored", "pending",
     "enqueue", "reason"}``; ``enqueue`` is True on START_TRAINING or when the project has at least
-    ``train_every`` changes since its last fine-tune. Raises a 4xx :class:`~backend.errors.BackendError`
-    (module doc) on a malformed or refused event; a refused event changes nothing.
+    ``train_every`` changes since its last fine-tune, and it stores at least ``min_corrections`` corrections
+    (``COSOD_FINETUNE_MIN_CORRECTIONS``; below that ``reason`` says how many, and a START_TRAINING stays
+    requested: the fine-tune is enqueued by the event that brings the count up). Raises a 4xx
+    :class:`~backend.errors.BackendError` (module doc) on a malformed or refused event; a refused event
+    changes nothing.
     """
     if not isinstance(payload, Mapping):
         raise BadRequestError(f"webhook payload must be an object, got {type(payload).__name__}")
@@ -312,6 +316,13 @@ def handle_event(
     requested = action == TRAIN_EVENT or store.training_requested(pid)
     enqueue = requested or pending >= train_every
     reason = "training requested" if requested else f"{pending} of {train_every} changes pending"
+    have = store.count_corrections(pid) if enqueue and min_corrections > 1 else min_corrections
+    if have < min_corrections:
+        enqueue = False
+        reason = (
+            f"not enough corrections yet: {have} of {min_corrections} (COSOD_FINETUNE_MIN_CORRECTIONS)"
+            + ("; training starts once there are enough" if requested else "")
+        )
     out.update(stored=stored, pending=pending, enqueue=enqueue, reason=reason)
     log.info("webhook %s project=%s task=%s: %s (%s)", action, pid, out["task"], stored, reason)
     return out

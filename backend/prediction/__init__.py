@@ -11,7 +11,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from ..labelstudio.client import LabelStudioClient
 from ..metrics import Metrics
@@ -24,11 +25,11 @@ def build_model(
     settings: Settings,
     pipeline_factory: PipelineFactory | None = None,
     metrics: Metrics | None = None,
-    schedule_finetune: Callable[[int], str] | None = None,
+    schedule_finetune: Callable[[int], Mapping[str, Any]] | None = None,
 ) -> CoSODModel:
     """The process's model: its pipeline loader, Label Studio client and metrics. ``schedule_finetune``
-    (project id -> job id) is what ``fit`` calls when a project has enough new corrections; without it the
-    corrections are stored and nothing is enqueued."""
+    (project id -> what was enqueued, see ``backend.jobs.finetuning.schedule_finetune``) is what ``fit``
+    calls when a project has enough new corrections; without it they are stored and nothing is enqueued."""
     loader = PipelineLoader(settings, pipeline_factory)
     ls = LabelStudioClient(settings)
     return CoSODModel(settings, loader, ls, metrics or Metrics(), schedule_finetune=schedule_finetune)

@@ -59,7 +59,7 @@ class CoSODModel:
         ls: LabelStudioClient,
         metrics: Metrics,
         *,
-        schedule_finetune: Callable[[int], str] | None = None,
+        schedule_finetune: Callable[[int], Mapping[str, Any]] | None = None,
     ):
         self.settings = settings
         self.schedule_finetune = schedule_finetune
@@ -124,7 +124,9 @@ class CoSODModel:
     def fit(self, event: str, data: Mapping[str, Any]) -> dict[str, Any]:
         """Store the correction an annotation event carries (SQLite, committed before returning) and, when
         the project has ``COSOD_TRAIN_EVERY`` new corrections or on START_TRAINING, enqueue its fine-tune
-        (one job id per project: never two at a time). Cheap on purpose: the webhook has 1 s."""
+        (one job id per project: never two at a time; none below ``COSOD_FINETUNE_MIN_CORRECTIONS``). The
+        answer says what happened: ``job``/``finetune_job`` and ``finetune_state``, or in ``message`` why no
+        job was started. Cheap on purpose: the webhook has 1 s."""
         project = data.get("project") if isinstance(data, Mapping) else None
         pid = project.get("id") if isinstance(project, Mapping) else None
         task = data.get("task") if isinstance(data, Mapping) else None
@@ -146,21 +148,24 @@ class CoSODModel:
                 image_key=known.config.image_key if known else None,
                 train_every=self.settings.train_every,
                 max_pixels=self.settings.max_image_pixels,
+                min_corrections=self.settings.finetune_min_corrections,
             )
         except BackendError as exc:  # its own status (422 refused correction, 404 unknown project...)
             raise type(exc)(f"{event}: {exc}") from None
         except ValueError as exc:
             raise BadRequestError(f"{event}: {exc}") from None
         info.update(stored=out.get("stored"), pending=out.get("pending"), reason=out.get("reason"))
+        info["message"] = f"no fine-tune started: {out.get('reason')}"
         if out.get("enqueue") and isinstance(pid, int) and self.schedule_finetune is not None:
             try:
-                info["finetune_job"] = self.schedule_finetune(pid)
+                info.update(self.schedule_finetune(pid))
             except (JobQueueError, TransientJobError) as exc:
                 # the correction is committed; the next event (or START_TRAINING) enqueues it again
                 log.warning("project %s: fine-tune not enqueued: %s", pid, exc)
                 self.metrics.errors.labels(kind="queue_down").inc()
                 info["finetune_job"] = None
                 info["finetune_error"] = "not enqueued: the job queue is unreachable; the next event retries"
+                info["message"] = f"no fine-tune started: {info['finetune_error']}"
         log.info("webhook %s project=%s task=%s: %s", event, pid, tid, info)
         return info
 

@@ -737,6 +737,7 @@ def open_world(
     elif config == "down":
         redis_url = f"redis://:{REDIS_PASSWORD}@127.0.0.1:{_closed_port()}/0"
         env["COSOD_TRAIN_EVERY"] = "1"  # every stored correction enqueues a fine-tune (into a dead Redis)
+        env["COSOD_FINETUNE_MIN_CORRECTIONS"] = "1"
     elif config == "auth":
         auth = (AUTH_USER, AUTH_PASS)
         env.update(BASIC_AUTH_USER=AUTH_USER, BASIC_AUTH_PASS=AUTH_PASS)

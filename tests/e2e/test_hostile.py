@@ -642,14 +642,6 @@ def credentials_echoed() -> list[Case]:
         ),
         Case(
             c,
-            "start-training-enqueues-into-a-dead-redis",
-            lambda w: [webhook({"action": "START_TRAINING", "project": {"id": w.pid("B")}})],
-            status="2xx",
-            config="down",
-            note="category 6 too: Redis down during a webhook that enqueues a fine-tune",
-        ),
-        Case(
-            c,
             "correction-enqueues-into-a-dead-redis",
             lambda w: [
                 webhook(
@@ -666,6 +658,15 @@ def credentials_echoed() -> list[Case]:
             config="down",
             check=stored("B", 8_000_001),
             note="COSOD_TRAIN_EVERY=1 here: the stored correction asks for a fine-tune",
+        ),
+        Case(
+            c,
+            "start-training-enqueues-into-a-dead-redis",
+            lambda w: [webhook({"action": "START_TRAINING", "project": {"id": w.pid("B")}})],
+            status="2xx",
+            config="down",
+            note="category 6 too: Redis down during a webhook that enqueues a fine-tune (after the "
+            "correction above: COSOD_FINETUNE_MIN_CORRECTIONS=1 here)",
         ),
     ]
 
