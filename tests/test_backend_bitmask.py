@@ -150,3 +150,46 @@ def test_bad_data_urls_are_value_errors_naming_the_problem(url: object, message:
 def test_mask_must_be_2d() -> None:
     with pytest.raises(ValueError, match="2-D"):
         mask_to_data_url(np.zeros((2, 2, 2), bool))
+
+
+@pytest.mark.slow
+def test_a_browser_draws_the_png_as_the_editor_does() -> None:
+    """Chromium decodes the data URL and draws it at (0, 0) on a canvas of its natural size, as Label
+    Studio's editor does (``BitmaskRegion.restoreFromImageDataURL``): the canvas alpha is the mask."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    browser, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
+    if not browser or not driver_bin:
+        pytest.skip("chromium and chromedriver are not installed (Debian: apt-get install chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    mask = np.random.default_rng(3).random((37, 53)) > 0.6
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_bin), options=options)
+    try:
+        got = driver.execute_async_script(
+            """
+            const done = arguments[arguments.length - 1];
+            const image = new Image();
+            image.src = arguments[0];
+            image.decode().then(() => {
+              const canvas = new OffscreenCanvas(image.naturalWidth, image.naturalHeight);
+              const ctx = canvas.getContext("2d");
+              ctx.drawImage(image, 0, 0);
+              const px = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+              done({w: canvas.width, h: canvas.height, px: Array.from(px)});
+            }).catch((e) => done({error: String(e)}));
+            """,
+            mask_to_data_url(mask),
+        )
+    finally:
+        driver.quit()
+    assert "error" not in got, got
+    rgba = np.asarray(got["px"], dtype=np.uint8).reshape(got["h"], got["w"], 4)
+    assert (got["w"], got["h"]) == (53, 37)
+    assert np.array_equal(rgba[..., 3] == 255, mask) and set(np.unique(rgba[..., 3])) == {0, 255}
+    assert not rgba[..., :3].any()
