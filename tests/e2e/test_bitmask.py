@@ -162,3 +162,90 @@ def test_bitmask_predictions_and_corrections_through_label_studio(
         e2e.ls_api(ls, "POST", f"/api/projects/{project}/validate/", json={"label_config": CONFIG})
         log_text = Path(backend.log).read_text(errors="replace")
         assert "Traceback" not in log_text
+
+
+def test_label_studio_editor_draws_a_bitmask_prediction_in_place(label_studio: Any, e2e: Any) -> None:
+    """Label Studio's own page (headless Chromium) opens a task whose prediction is one of this backend's
+    BitmaskLabels regions and draws the mask over exactly the image pixels it covers."""
+    import shutil
+
+    from backend.labelstudio.bitmask import bitmask_region
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    browser, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
+    if not browser or not driver_bin:
+        pytest.skip("chromium and chromedriver are not installed (Debian: apt-get install chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from skimage import measure
+
+    ls = label_studio
+    w, h = 240, 160
+    buf = io.BytesIO()
+    Image.fromarray(np.full((h, w, 3), 200, np.uint8)).save(buf, format="PNG")
+    mask = np.zeros((h, w), bool)
+    mask[40:100, 150:220] = True
+    project = e2e.ls_api(
+        ls, "POST", "/api/projects", json={"title": "cosod bitmask ui", "label_config": CONFIG}
+    )
+    e2e.ls_api(ls, "POST", f"/api/projects/{project['id']}/import", files={"f": ("grey.png", buf.getvalue())})
+    (task,) = e2e.ls_api(ls, "GET", f"/api/tasks?project={project['id']}")["tasks"]
+    region = bitmask_region(mask, from_name="tag", to_name="image", label="Object", score=0.9, rid="ui")
+    e2e.ls_api(
+        ls, "POST", "/api/predictions", json={"task": task["id"], "result": [region], "model_version": "m"}
+    )
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    options.add_argument("--window-size=1400,1000")
+    driver = webdriver.Chrome(service=Service(driver_bin), options=options)
+    try:
+        driver.get(f"{ls.url}/user/login/")
+        driver.find_element(By.NAME, "email").send_keys("admin@example.com")
+        driver.find_element(By.NAME, "password").send_keys("adminpass123")
+        driver.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
+        deadline = time.monotonic() + 30
+        while "/user/login" in driver.current_url:
+            assert time.monotonic() < deadline, "the login did not go through"
+            time.sleep(0.3)
+        driver.get(f"{ls.url}/projects/{project['id']}/data?task={task['id']}")
+        # the editor shows the image (a blob: <img>, whose box is the image's place and zoom on the page)
+        # and draws the prediction on its stage canvas; wait for the region's colour to appear
+        seen = None
+        while True:
+            boxes = driver.execute_script(
+                """
+                const img = [...document.querySelectorAll('img')].filter((e) => e.src.startsWith('blob:'));
+                return img.map((e) => {
+                  const r = e.getBoundingClientRect();
+                  return [r.x, r.y, r.width, r.height, window.devicePixelRatio];
+                });
+                """
+            )
+            shot = np.asarray(Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")).astype(
+                int
+            )
+            # #ff0066 at the region's opacity 0.6 over grey 200: about (233, 80, 141); the largest patch of it
+            # is the region (the label's chip under the image is another)
+            parts = measure.label((shot[..., 0] > 200) & (shot[..., 1] < 120) & (shot[..., 2] > 100))
+            sizes = np.bincount(parts.ravel())[1:]
+            if len(boxes) == 1 and sizes.size and sizes.max() > 1000:
+                ys, xs = np.nonzero(parts == 1 + int(sizes.argmax()))
+                now = (boxes, xs.min(), xs.max(), ys.min(), ys.max())
+                if now == seen:  # the same twice in a row: the page has settled
+                    break
+                seen = now
+            assert time.monotonic() < deadline + 60, f"the editor drew no bitmask region: {boxes}"
+            time.sleep(1.0)
+    finally:
+        driver.quit()
+    ix, iy, iw, ih, dpr = boxes[0]
+    assert dpr == 1, "the screenshot's pixels are not CSS pixels"
+    sx, sy = iw / w, ih / h
+    # the drawn box, in image pixels: the mask's columns 150..220 and rows 40..100, to half a pixel
+    drawn = ((xs.min() - ix) / sx, (xs.max() + 1 - ix) / sx, (ys.min() - iy) / sy, (ys.max() + 1 - iy) / sy)
+    print(f"drawn at columns {drawn[0]:.2f}..{drawn[1]:.2f}, rows {drawn[2]:.2f}..{drawn[3]:.2f}")
+    assert np.allclose(drawn, (150, 220, 40, 100), atol=0.5), (drawn, boxes)
+    assert abs(len(xs) - 70 * sx * 60 * sy) < 0.03 * 70 * sx * 60 * sy  # a filled box
