@@ -22,6 +22,7 @@ from backend.settings import Settings
 CONFIGS = Path(__file__).resolve().parents[1] / "label_config"
 BRUSH = (CONFIGS / "brush_grouped.xml").read_text()
 POLY = (CONFIGS / "polygon.xml").read_text()
+BITMASK = (CONFIGS / "bitmask.xml").read_text()
 RECT = (
     '<View><Image name="image" value="$image"/><RectangleLabels name="r" toName="image">'
     '<Label value="A"/></RectangleLabels></View>'
@@ -250,7 +251,11 @@ def test_setup_version_is_stable_and_per_project(client, make_client, spy) -> No
     [
         ({"schema": BRUSH}, 400, "needs 'project'"),
         ({"project": "abc", "schema": BRUSH}, 400, "'project' must be a positive integer id"),
-        ({"project": "12.1795340308", "schema": RECT}, 400, "no BrushLabels or PolygonLabels.*<BrushLabels"),
+        (
+            {"project": "12.1795340308", "schema": RECT},
+            400,
+            "no BrushLabels, BitmaskLabels or PolygonLabels.*<BrushLabels",
+        ),
         (
             {"project": "12.1795340308", "schema": BRUSH, "extra_params": {"group_by": "folder"}},
             400,
@@ -365,6 +370,33 @@ def test_polygon_config(client, fake_ls) -> None:
         for reg in item["result"]:
             pts = np.asarray(reg["value"]["points"])
             assert pts.shape[1] == 2 and (pts >= 0).all() and (pts <= 100).all()
+
+
+def test_bitmask_config_gives_the_brush_masks_as_png_data_urls(client, fake_ls) -> None:
+    from label_studio_sdk.converter.brush import decode_rle
+
+    from backend.labelstudio.bitmask import data_url_to_mask
+
+    tasks = project_with_groups(fake_ls, {"g": 3}, size=(80, 60))
+    setup(client, schema=BRUSH)
+    brush = predict(client, tasks).json["results"]
+    setup(client, schema=BITMASK)
+    r = predict(client, tasks, config=BITMASK)
+    assert r.status_code == 200
+    for b_item, item in zip(brush, r.json["results"], strict=True):
+        (b_reg,) = b_item["result"]
+        (reg,) = item["result"]
+        assert reg["type"] == "bitmasklabels" and reg["value"]["bitmasklabels"] == ["Object"]
+        assert (reg["original_width"], reg["original_height"]) == (80, 60)
+        assert (reg["score"], item["score"], item["model_version"]) == (
+            b_reg["score"],
+            b_item["score"],
+            b_item["model_version"],
+        )
+        expected = np.asarray(decode_rle(b_reg["value"]["rle"])).reshape(60, 80, 4)[:, :, 3] > 0
+        assert expected.any() and np.array_equal(
+            data_url_to_mask(reg["value"]["imageDataURL"], 60, 80), expected
+        )
 
 
 def test_corrupt_image_gets_an_empty_result_and_others_are_predicted(client, fake_ls, caplog) -> None:

@@ -533,3 +533,116 @@ def test_a_skipped_then_resubmitted_annotation_is_stored_again(tmp_path: Path) -
     )
     assert handle_event(store, "ANNOTATION_UPDATED", resubmit)["stored"] == "inserted"
     assert store.count_corrections(12) == 1
+
+
+# -- BitmaskLabels: the region's mask is a PNG data URL (Label Studio 1.23) --------------------------------
+
+
+def _bitmask_region(alpha: np.ndarray, rid: str = "m1", from_name: str = "mask") -> dict[str, Any]:
+    """A BitmaskLabels region as Label Studio's editor saves a human's strokes: black RGBA, the stroke in
+    the alpha channel with anti-aliased edges."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    rgba = np.zeros((*alpha.shape, 4), np.uint8)
+    rgba[..., 3] = alpha
+    buf = io.BytesIO()
+    Image.fromarray(rgba, mode="RGBA").save(buf, format="PNG")
+    h, w = alpha.shape
+    return {
+        "id": rid,
+        "type": "bitmasklabels",
+        "from_name": from_name,
+        "to_name": "image",
+        "origin": "manual",
+        "original_width": w,
+        "original_height": h,
+        "image_rotation": 0,
+        "value": {
+            "imageDataURL": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(),
+            "bitmasklabels": ["Object"],
+        },
+    }
+
+
+def _stroke(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """An alpha channel with a solid core and faint anti-aliased edges, and the mask the editor sees."""
+    alpha = np.zeros((h, w), np.uint8)
+    alpha[4:10, 6:16] = 255
+    alpha[3, 6:16] = 40  # anti-aliased edge: part of the region for the editor (alpha > 0)
+    alpha[10, 6:16] = 1
+    return alpha, alpha > 0
+
+
+def test_a_bitmask_annotation_is_stored_as_its_mask(tmp_path: Path) -> None:
+    store = set_up(tmp_path)
+    alpha, expected = _stroke(20, 30)
+    assert expected.sum() == 80
+    p = _payload("ANNOTATION_CREATED", ann=9, task=2, regions=[_bitmask_region(alpha)])
+    out = handle_event(store, "ANNOTATION_CREATED", p)
+    assert out["stored"] == "inserted"
+    (c,) = store.corrections(12)
+    assert (c.annotation_id, c.task_id, c.width, c.height, c.empty) == (9, 2, 30, 20, False)
+    assert c.mask is not None and np.array_equal(c.mask, expected)
+
+
+def test_brush_and_bitmask_regions_make_one_union(tmp_path: Path) -> None:
+    alpha, stroke = _stroke(20, 30)
+    brush = _mask(20, 30, (12, 18, 0, 4))
+    result = [_region(brush), _bitmask_region(alpha), _bitmask_region(alpha, rid="x", from_name="other")]
+    assert np.array_equal(union_brush_mask(result), brush | stroke)
+    assert np.array_equal(union_brush_mask(result, from_names=["mask"]), stroke)
+    assert union_brush_mask(result, from_names=["nothing"]) is None
+    no_url = _bitmask_region(alpha)
+    del no_url["value"]["imageDataURL"]
+    assert union_brush_mask([no_url]) is None  # no mask in it: skipped, as a brush region without RLE
+
+
+def test_bitmask_regions_are_checked_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = set_up(tmp_path)
+    _no_decoding(monkeypatch)
+
+    def undecoded(*args: Any, **kw: Any) -> None:
+        raise AssertionError("a PNG was decoded before the correction was checked")
+
+    monkeypatch.setattr(corrections, "data_url_to_mask", undecoded)
+    alpha, _ = _stroke(20, 30)
+
+    def event(*regions: dict[str, Any]) -> dict[str, Any]:
+        return _payload("ANNOTATION_CREATED", ann=1, task=1, regions=list(regions))
+
+    lying = _bitmask_region(alpha)
+    lying["original_width"] = 31
+    with pytest.raises(CorrectionRefusedError, match="region 0: its imageDataURL PNG is 30x20 .* is 31x20"):
+        handle_event(store, "ANNOTATION_CREATED", event(lying))
+    jpeg = _bitmask_region(alpha)
+    jpeg["value"]["imageDataURL"] = "data:image/jpeg;base64,/9j/4AAQSkZJRg=="
+    with pytest.raises(BadRequestError, match="region 0: imageDataURL must start with") as info:
+        handle_event(store, "ANNOTATION_CREATED", event(jpeg))
+    assert info.value.status == 400
+    with pytest.raises(CorrectionRefusedError, match="20x30 = 600 pixels, over the limit of 500"):
+        handle_event(store, "ANNOTATION_CREATED", event(_bitmask_region(alpha)), max_pixels=500)
+    many = [_bitmask_region(alpha, rid=f"r{k}") for k in range(corrections.MAX_DECODED_IMAGES + 1)]
+    with pytest.raises(CorrectionRefusedError, match="5400 pixels, over the limit of 8 x 600"):
+        handle_event(store, "ANNOTATION_CREATED", event(*many), max_pixels=600)
+    monkeypatch.setattr(corrections, "MAX_BITMASK_CHARS", 100)
+    with pytest.raises(
+        CorrectionRefusedError, match="bitmasklabels regions up to region 0 hold .* imageDataURL characters"
+    ):
+        handle_event(store, "ANNOTATION_CREATED", event(_bitmask_region(alpha)))
+    assert store.count_corrections(12) == 0
+
+
+def test_a_bitmask_png_that_does_not_decode_is_a_400(tmp_path: Path) -> None:
+    store = set_up(tmp_path)
+    alpha, _ = _stroke(20, 30)
+    cut = _bitmask_region(alpha)
+    head, data = cut["value"]["imageDataURL"].split(",")
+    cut["value"]["imageDataURL"] = f"{head},{data[: len(data) // 8 * 4]}"  # the header intact, pixels cut
+    with pytest.raises(BadRequestError, match="region 0: imageDataURL is not a readable PNG"):
+        handle_event(
+            store, "ANNOTATION_CREATED", _payload("ANNOTATION_CREATED", ann=1, task=1, regions=[cut])
+        )
+    assert store.count_corrections(12) == 0

@@ -18,6 +18,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "label_config"
         ("brush.xml", "brushlabels", "tag"),
         ("brush_grouped.xml", "brushlabels", "tag"),
         ("polygon.xml", "polygonlabels", "poly"),
+        ("bitmask.xml", "bitmasklabels", "tag"),
     ],
 )
 def test_shipped_configs(name: str, kind: str, from_name: str) -> None:
@@ -42,6 +43,32 @@ def test_no_config_shows_a_data_field_that_a_task_may_lack() -> None:
         assert set(re.findall(r"\$(\w+)", body)) <= {"image"}, path.name
 
 
+def test_bitmask_config_shows_only_fields_every_task_has() -> None:
+    # a Header over a data field a task lacks shows "undefined"; every task has data.image
+    import re
+
+    text = (CONFIGS / "bitmask.xml").read_text()
+    assert set(re.findall(r"\$\w+", text)) == {"$image"}
+    assert '<Header value="$image"/>' in text and 'smoothing="false"' in text
+
+
+def test_bitmask_next_to_brush_and_polygon() -> None:
+    xml = (
+        '<View><Image name="img" value="$photo"/><BitmaskLabels name="m" toName="img"><Label value="A"/>'
+        '<Label value="B"/></BitmaskLabels><BrushLabels name="b" toName="img"><Label value="B"/>'
+        '</BrushLabels><PolygonLabels name="p" toName="img"><Label value="B"/></PolygonLabels></View>'
+    )
+    cfg = parse_label_config(xml, label="B")
+    assert [(c.kind, c.from_name, c.label) for c in cfg.controls] == [
+        ("bitmasklabels", "m", "B"),
+        ("brushlabels", "b", "B"),
+        ("polygonlabels", "p", "B"),
+    ]
+    assert parse_label_config(xml).controls[0].label == "A"
+    with pytest.raises(LabelConfigError, match="<BitmaskLabels name='m'> has no <Label"):
+        parse_label_config('<View><Image name="i" value="$i"/><BitmaskLabels name="m" toName="i"/></View>')
+
+
 def test_both_controls_and_label_choice() -> None:
     xml = (
         '<View><Image name="img" value="$photo"/><BrushLabels name="b" toName="img"><Label value="A"/>'
@@ -61,7 +88,7 @@ def test_both_controls_and_label_choice() -> None:
         (
             '<View><Image name="image" value="$image"/><RectangleLabels name="r" toName="image">'
             '<Label value="A"/></RectangleLabels></View>',
-            "no BrushLabels or PolygonLabels.*<BrushLabels",
+            "no BrushLabels, BitmaskLabels or PolygonLabels.*<BrushLabels",
         ),
         ("", "empty"),
         ("<View><Image", "not valid XML"),
@@ -105,7 +132,7 @@ def test_the_caps_are_inclusive() -> None:
     [
         (
             f"<View>{IMAGE}{brush() * 17}</View>",
-            "17 BrushLabels/PolygonLabels controls, over the limit of 16",
+            "17 BrushLabels/BitmaskLabels/PolygonLabels controls, over the limit of 16",
         ),
         (f"<View>{IMAGE}{brush(labels=1001)}</View>", "1001 <Label> tags .* over the limit of 1000"),
         (f"<View>{IMAGE * 65}{brush()}</View>", "65 <Image> tags, over the limit of 64"),
@@ -125,7 +152,7 @@ def test_thousands_of_controls_are_refused_at_once() -> None:
     with pytest.raises(LabelConfigError, match="over the limit of 1048576 bytes"):
         parse_label_config(f"<View>{IMAGE}{brush() * 20_000}</View>")
     with pytest.raises(
-        LabelConfigError, match="5000 BrushLabels/PolygonLabels controls, over the limit of 16"
+        LabelConfigError, match="5000 BrushLabels/BitmaskLabels/PolygonLabels controls, over the limit of 16"
     ):
         parse_label_config(f"<View>{IMAGE}{brush() * 5_000}</View>")
 

@@ -1,11 +1,12 @@
-"""What this backend fills in a Label Studio labeling config: BrushLabels and/or PolygonLabels on an Image.
+"""What this backend fills in a Label Studio labeling config: BrushLabels, BitmaskLabels and/or PolygonLabels
+on an Image.
 
 A label config reaches this backend from ``/setup``, ``/predict`` and Label Studio's project, and every
 control it fills adds a region to every prediction, so its size is bounded before anything else:
 
 - :data:`MAX_CONFIG_BYTES` (1 MiB of UTF-8) for the whole text;
-- :data:`MAX_CONTROLS` (16) BrushLabels/PolygonLabels tags, :data:`MAX_LABELS` (1000) ``<Label>`` tags in them
-  together, :data:`MAX_OBJECTS` (64) ``<Image>`` tags;
+- :data:`MAX_CONTROLS` (16) BrushLabels/BitmaskLabels/PolygonLabels tags, :data:`MAX_LABELS` (1000)
+  ``<Label>`` tags in them together, :data:`MAX_OBJECTS` (64) ``<Image>`` tags;
 - :data:`MAX_NAME_CHARS` (256) characters for a name, ``toName``, ``value`` or label, which every region
   repeats.
 
@@ -21,13 +22,14 @@ from dataclasses import dataclass
 
 from ..errors import LabelConfigError, quote
 
-SUPPORTED = ("brushlabels", "polygonlabels")
+SUPPORTED = ("brushlabels", "bitmasklabels", "polygonlabels")
+NAMES = "BrushLabels/BitmaskLabels/PolygonLabels"
 EXAMPLE = (
     '<BrushLabels name="tag" toName="image"><Label value="Object"/></BrushLabels> '
-    '(or <PolygonLabels ...>) next to <Image name="image" value="$image"/>'
+    '(or <BitmaskLabels ...> or <PolygonLabels ...>) next to <Image name="image" value="$image"/>'
 )
 MAX_CONFIG_BYTES = 1 << 20  # the whole config, UTF-8
-MAX_CONTROLS = 16  # BrushLabels/PolygonLabels tags; each adds a region to every prediction
+MAX_CONTROLS = 16  # BrushLabels/BitmaskLabels/PolygonLabels tags; each adds a region to every prediction
 MAX_LABELS = 1000  # <Label> tags inside those controls, together
 MAX_OBJECTS = 64  # <Image> tags
 MAX_NAME_CHARS = 256  # a name, toName, value or label (each region repeats them)
@@ -37,7 +39,7 @@ MAX_NAME_CHARS = 256  # a name, toName, value or label (each region repeats them
 class Control:
     """One control tag the backend fills: its type, names, the image data key and the label it writes."""
 
-    kind: str  # "brushlabels" | "polygonlabels"
+    kind: str  # "brushlabels" | "bitmasklabels" | "polygonlabels"
     from_name: str
     to_name: str
     value_key: str  # the task data key of the image, e.g. "image" for value="$image"
@@ -54,7 +56,8 @@ class LabelConfig:
 
 
 def parse_label_config(xml: str, *, label: str | None = None) -> LabelConfig:
-    """Find the BrushLabels/PolygonLabels controls on an Image; raises LabelConfigError naming what to add.
+    """Find the BrushLabels/BitmaskLabels/PolygonLabels controls on an Image; raises LabelConfigError
+    naming what to add.
 
     ``label`` picks the label to write (it must be one of the control's labels); by default the first.
     """
@@ -62,20 +65,22 @@ def parse_label_config(xml: str, *, label: str | None = None) -> LabelConfig:
         raise LabelConfigError(f"the label config is empty; add {EXAMPLE}")
     root = _parse(xml)
     tags = [el for el in root.iter() if el.tag.lower() in SUPPORTED]
-    _at_most(len(tags), MAX_CONTROLS, "BrushLabels/PolygonLabels controls")
+    _at_most(len(tags), MAX_CONTROLS, f"{NAMES} controls")
     _at_most(sum(1 for el in root.iter() if el.tag.lower() == "image"), MAX_OBJECTS, "<Image> tags")
     _at_most(
         sum(1 for t in tags for el in t.iter() if el.tag.lower() == "label"),
         MAX_LABELS,
-        "<Label> tags in the BrushLabels/PolygonLabels controls",
+        f"<Label> tags in the {NAMES} controls",
     )
     images = _images(root)
     controls = [_control(el, images, label) for el in tags]
     if not controls:
-        raise LabelConfigError(f"the label config has no BrushLabels or PolygonLabels control; add {EXAMPLE}")
+        raise LabelConfigError(
+            f"the label config has no BrushLabels, BitmaskLabels or PolygonLabels control; add {EXAMPLE}"
+        )
     # all controls must read the same image: a prediction is made for one image per task
     if len({c.value_key for c in controls}) > 1:
-        raise LabelConfigError("the BrushLabels/PolygonLabels controls point to different images; use one")
+        raise LabelConfigError(f"the {NAMES} controls point to different images; use one")
     return LabelConfig(tuple(controls))
 
 
@@ -125,7 +130,8 @@ def _images(root: ET.Element) -> dict[str, str]:
 
 
 def _control(el: ET.Element, images: dict[str, str], label: str | None) -> Control:
-    """One BrushLabels/PolygonLabels tag as a :class:`Control`, or the error that says what to fix."""
+    """One BrushLabels/BitmaskLabels/PolygonLabels tag as a :class:`Control`, or the error that says what
+    to fix."""
     name, to_name = el.get("name"), el.get("toName") or el.get("toname")
     if not name or not to_name:
         raise LabelConfigError(f"<{el.tag}> needs both name= and toName= attributes")

@@ -1,12 +1,14 @@
 """Webhook events -> stored corrections, and whether a fine-tune is due. Cheap on purpose (Label Studio
-waits 1 s for ``/webhook``): it checks the event, decodes the RLE and writes one SQLite transaction; it never
+waits 1 s for ``/webhook``): it checks the event, decodes the mask and writes one SQLite transaction; it never
 downloads the image (the fine-tune job reads it and fills in the content hash).
 
 Events handled (``payload`` as Label Studio sends it, protocol doc §1.1 and §5.4):
 
 - ``ANNOTATION_CREATED`` / ``ANNOTATION_UPDATED``: ``{"annotation": {...}, "task": {...}, "project": {...}}``.
-  The mask is the union of the annotation's BrushLabels regions (``value.format == "rle"``), at
-  ``original_height x original_width``. Regions of other controls are ignored.
+  The mask is the union of the annotation's BrushLabels regions (``value.format == "rle"``) and
+  BitmaskLabels regions (``value.imageDataURL``, a PNG whose alpha is the mask:
+  :mod:`backend.labelstudio.bitmask`), at ``original_height x original_width``. Regions of other controls
+  are ignored.
 - ``ANNOTATION_DELETED`` (``annotation``) and ``ANNOTATIONS_DELETED`` (``annotations: [{"id": ...}]``):
   the stored corrections are removed, all ids of one event in one transaction.
 - ``START_TRAINING``: ``{"project": {...}}``; asks for a fine-tune.
@@ -14,10 +16,10 @@ Events handled (``payload`` as Label Studio sends it, protocol doc §1.1 and §5
 Empty annotations: an annotation whose ``result`` is empty is stored as an **empty-mask correction** ("there
 is no common object in this image"; its size comes from the image when the fine-tune reads it). A cancelled
 (skipped) annotation is **ignored**, and removes an earlier correction of the same annotation. An
-annotation with regions but no brush region (e.g. only polygons) is ignored.
+annotation with regions but no brush or bitmask region (e.g. only polygons) is ignored.
 
 **What is refused** (nothing is stored; the error is a :class:`~backend.errors.BackendError` with a 4xx
-status whose message names the rule, values quoted cut short). Every check runs before any RLE is decoded:
+status whose message names the rule, values quoted cut short). Every check runs before any mask is decoded:
 
 - a project that is not set up (:func:`project_is_set_up`): :class:`~backend.errors.UnknownProjectError`
   (404), for every learning event, START_TRAINING and deletions included;
@@ -25,12 +27,14 @@ status whose message names the rule, values quoted cut short). Every check runs 
 - an event whose ``task.project`` or ``annotation.project`` is another project, or whose
   ``annotation.task`` is another task than ``task.id``: :class:`~backend.errors.CorrectionRefusedError`
   (422);
-- a brush region whose ``original_width * original_height`` is over ``max_pixels``
+- a brush or bitmask region whose ``original_width * original_height`` is over ``max_pixels``
   (``COSOD_MAX_IMAGE_PIXELS``, 50 Mpx by default: the limit of task images, since a correction is a mask of
   its task's image); regions (of any control on the same image) that disagree on the image size; an RLE
   whose header does not declare exactly ``4 * original_width * original_height`` values of 8 bits (the brush
-  format stores RGBA); more than :data:`MAX_RLE_BYTES` bytes of RLE, :data:`MAX_DECODED_IMAGES` x
-  ``max_pixels`` pixels of brush regions, or :data:`MAX_REGIONS` regions in one annotation; an image
+  format stores RGBA); an ``imageDataURL`` that is not a ``data:image/png;base64,`` PNG whose header
+  declares ``original_width x original_height``; more than :data:`MAX_RLE_BYTES` bytes of RLE,
+  :data:`MAX_BITMASK_CHARS` characters of ``imageDataURL``, :data:`MAX_DECODED_IMAGES` x ``max_pixels``
+  pixels of brush and bitmask regions, or :data:`MAX_REGIONS` regions in one annotation; an image
   reference over :data:`MAX_URL_CHARS` characters or a group value over :data:`MAX_GROUP_CHARS`: 422;
 - more than :data:`MAX_DELETE_IDS` ids in one deletion: 422 (nothing is deleted).
 
@@ -53,6 +57,7 @@ from cosod.imageio import DEFAULT_MAX_PIXELS
 
 from ..errors import BadRequestError, CorrectionRefusedError, UnknownProjectError, quote
 from ..grouping import GroupKey, group_key
+from ..labelstudio.bitmask import data_url_to_mask, png_size
 from ..labelstudio.protocol import (
     ANNOTATION_EVENTS,
     DELETE_EVENTS,
@@ -70,7 +75,8 @@ DEFAULT_TRAIN_EVERY = 10
 MAX_DELETE_IDS = 100_000  # ids in one ANNOTATIONS_DELETED event (one transaction, well under a second)
 MAX_REGIONS = 10_000  # regions (of any control) in one annotation
 MAX_RLE_BYTES = 2 << 20  # RLE bytes of one annotation, all brush regions: about 1 s of decoding at worst
-MAX_DECODED_IMAGES = 8  # the brush regions of one annotation decode at most this many x max_pixels pixels
+MAX_BITMASK_CHARS = 8 << 20  # imageDataURL characters of one annotation, all bitmask regions (6 MiB of PNG)
+MAX_DECODED_IMAGES = 8  # brush/bitmask regions of one annotation decode at most this many x max_pixels px
 MAX_URL_CHARS = 8192  # the task's image reference (a presigned URL is ~1-2 KB; a data: URI is refused)
 MAX_GROUP_CHARS = 4096  # the stored group key (the task's group field)
 MAX_TIME_CHARS = 64  # the annotation's updated_at
@@ -94,14 +100,15 @@ def union_brush_mask(
     from_names: Sequence[str] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray | None:
-    """bool HxW union of the BrushLabels regions in an annotation ``result``; None when there is none.
+    """bool HxW union of the BrushLabels and BitmaskLabels regions in an annotation ``result``; None when
+    there is none.
 
-    ``from_names``: only regions of these controls (default: every brushlabels region). Every region is
-    checked before any RLE is decoded (module doc: at most ``max_pixels`` pixels per region, the RLE header
-    declaring ``4*H*W`` values, regions agreeing on the image size, the per-annotation budgets):
-    :class:`~backend.errors.CorrectionRefusedError` when a limit or a header says no,
-    :class:`~backend.errors.BadRequestError` (both ValueErrors) for a malformed region or an RLE that does
-    not decode to its size.
+    ``from_names``: only regions of these controls (default: every brushlabels and bitmasklabels region).
+    Every region is checked before any mask is decoded (module doc: at most ``max_pixels`` pixels per
+    region, the RLE header declaring ``4*H*W`` values or the PNG header ``W x H``, regions agreeing on the
+    image size, the per-annotation budgets): :class:`~backend.errors.CorrectionRefusedError` when a limit or
+    a header says no, :class:`~backend.errors.BadRequestError` (both ValueErrors) for a malformed region or
+    a mask that does not decode to its size.
     """
     if not isinstance(result, list):
         raise BadRequestError(f"annotation result must be a list of regions, got {type(result).__name__}")
@@ -109,11 +116,14 @@ def union_brush_mask(
         raise CorrectionRefusedError(
             f"annotation result has {len(result)} regions, over the limit of {MAX_REGIONS} per annotation"
         )
-    brush = _brush_regions(result, from_names, max_pixels)
+    parts = _mask_regions(result, from_names, max_pixels)
     mask: np.ndarray | None = None
-    for k, h, w, rle in brush:
+    for k, h, w, kind, payload in parts:
         try:
-            part = rle_to_mask_fast(rle, h, w) > 0
+            if kind == BITMASK:
+                part = data_url_to_mask(payload, h, w)
+            else:
+                part = rle_to_mask_fast(payload, h, w) > 0
         except ValueError as exc:
             raise BadRequestError(f"region {k}: {exc}") from None
         if mask is None:
@@ -137,20 +147,56 @@ def _size_of(k: int, region: Mapping[str, Any]) -> tuple[int, int] | None:
     return h, w
 
 
-def _brush_regions(
+BRUSH, BITMASK = "brushlabels", "bitmasklabels"
+
+
+def _payload(kind: str, value: Any) -> Any:
+    """The RLE (brush) or ``imageDataURL`` (bitmask) of a region's value; None when it has none."""
+    if not isinstance(value, Mapping):
+        return None
+    if kind == BITMASK:
+        return value.get("imageDataURL")
+    return value["rle"] if value.get("format", "rle") == "rle" and "rle" in value else None
+
+
+def _check_header(k: int, kind: str, payload: Any, h: int, w: int) -> int:
+    """Check the size a region's mask declares against its ``h x w`` without decoding it; returns its size
+    in bytes (RLE) or characters (data URL)."""
+    try:
+        declared = png_size(payload) if kind == BITMASK else rle_header(payload)
+    except ValueError as exc:
+        raise BadRequestError(f"region {k}: {exc}") from None
+    if kind == BITMASK and declared != (w, h):
+        raise CorrectionRefusedError(
+            f"region {k}: its imageDataURL PNG is {declared[0]}x{declared[1]} (width x height), the "
+            f"region's original_width x original_height is {w}x{h}"
+        )
+    if kind == BRUSH and declared != (4 * h * w, 8):
+        raise CorrectionRefusedError(
+            f"region {k}: its RLE header declares {declared[0]} values of {declared[1]} bits, a {h}x{w} "
+            f"brush mask holds 4*{h}*{w} = {4 * h * w} values of 8 bits"
+        )
+    return len(payload)
+
+
+def _mask_regions(
     result: list[Any], from_names: Sequence[str] | None, max_pixels: int
-) -> list[tuple[int, int, int, Any]]:
-    """The brush regions to decode, ``(index, height, width, rle)``, each checked without decoding."""
+) -> list[tuple[int, int, int, str, Any]]:
+    """The brush and bitmask regions to decode, ``(index, height, width, type, rle or data URL)``, each
+    checked without decoding."""
     sizes: dict[Any, tuple[int, tuple[int, int]]] = {}  # to_name -> (first region index, (h, w))
-    brush: list[tuple[int, int, int, Any]] = []
-    rle_bytes = pixels = 0
+    found: list[tuple[int, int, int, str, Any]] = []
+    spent = {BRUSH: 0, BITMASK: 0}  # RLE bytes, data URL characters
+    caps = {BRUSH: (MAX_RLE_BYTES, "RLE bytes"), BITMASK: (MAX_BITMASK_CHARS, "imageDataURL characters")}
+    pixels = 0
     for k, region in enumerate(result):
         if not isinstance(region, Mapping):
             continue
-        is_brush = str(region.get("type", "")).lower() == "brushlabels"
-        if is_brush and from_names is not None and region.get("from_name") not in from_names:
+        kind = str(region.get("type", "")).lower()
+        is_mask = kind in (BRUSH, BITMASK)
+        if is_mask and from_names is not None and region.get("from_name") not in from_names:
             continue
-        size = _size_of(k, region) if is_brush or "original_width" in region else None
+        size = _size_of(k, region) if is_mask or "original_width" in region else None
         if size is not None:
             to_name = region.get("to_name")
             to_name = to_name if isinstance(to_name, str) else None
@@ -161,44 +207,35 @@ def _brush_regions(
                     f"{first[0]} on the same image {first[1][0]}x{first[1][1]}: the regions disagree on the "
                     "image size"
                 )
-        if not is_brush:
+        if not is_mask:
             continue
-        value = region.get("value")
-        if not isinstance(value, Mapping) or value.get("format", "rle") != "rle" or "rle" not in value:
-            log.debug("region %d has no RLE; skipped", k)
+        payload = _payload(kind, region.get("value"))
+        if payload is None:
+            log.debug("region %d has no RLE or imageDataURL; skipped", k)
             continue
         if size is None:
-            raise BadRequestError(f"region {k}: a brush region needs original_height and original_width")
+            raise BadRequestError(f"region {k}: a {kind} region needs original_height and original_width")
         h, w = size
         if h * w > max_pixels:
             raise CorrectionRefusedError(
                 f"region {k} is {h}x{w} = {h * w} pixels, over the limit of {max_pixels} "
                 "(COSOD_MAX_IMAGE_PIXELS, the limit of task images)"
             )
-        rle = value["rle"]
-        try:
-            count, word = rle_header(rle)
-        except ValueError as exc:
-            raise BadRequestError(f"region {k}: {exc}") from None
-        if count != 4 * h * w or word != 8:
-            raise CorrectionRefusedError(
-                f"region {k}: its RLE header declares {count} values of {word} bits, a {h}x{w} brush mask "
-                f"holds 4*{h}*{w} = {4 * h * w} values of 8 bits"
-            )
-        rle_bytes += len(rle)
+        spent[kind] += _check_header(k, kind, payload, h, w)
         pixels += h * w
-        if rle_bytes > MAX_RLE_BYTES:
+        cap, unit = caps[kind]
+        if spent[kind] > cap:
             raise CorrectionRefusedError(
-                f"the brush regions up to region {k} hold {rle_bytes} RLE bytes, over the limit of "
-                f"{MAX_RLE_BYTES} per annotation"
+                f"the {kind} regions up to region {k} hold {spent[kind]} {unit}, over the limit of {cap} "
+                "per annotation"
             )
         if pixels > MAX_DECODED_IMAGES * max_pixels:
             raise CorrectionRefusedError(
-                f"the brush regions up to region {k} hold {pixels} pixels, over the limit of "
+                f"the brush and bitmask regions up to region {k} hold {pixels} pixels, over the limit of "
                 f"{MAX_DECODED_IMAGES} x {max_pixels} per annotation"
             )
-        brush.append((k, h, w, rle))
-    return brush
+        found.append((k, h, w, kind, payload))
+    return found
 
 
 def _image_url(data: Mapping[str, Any], image_key: str | None) -> str:

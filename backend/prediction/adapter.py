@@ -31,6 +31,7 @@ from ..errors import (
 )
 from ..grouping import GroupKey, TaskRef, choose_subset, group_digest, group_key, members
 from ..labelstudio import regions as regions_lib
+from ..labelstudio.bitmask import bitmask_region
 from ..labelstudio.client import LabelStudioClient
 from ..labelstudio.labelconfig import LabelConfig
 from ..labelstudio.protocol import LEARNING_EVENTS, changes_membership, parse_id
@@ -279,6 +280,8 @@ class CoSODModel:
             names = {"from_name": c.from_name, "to_name": c.to_name, "label": c.label}
             if c.kind == "brushlabels":
                 regions.append(regions_lib.brush_region(out.mask, **names, score=out.score, rid=rid))
+            elif c.kind == "bitmasklabels":
+                regions.append(bitmask_region(out.mask, **names, score=out.score, rid=rid))
             else:
                 regions.extend(regions_lib.polygon_regions(out.mask, **names, score=out.score, rid=rid))
         return regions
