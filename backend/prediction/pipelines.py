@@ -131,7 +131,12 @@ class _Slot:
             self.error = f"{exc.__class__.__name__}: {exc}"
             self.exc = exc
             self.state = "failed"
-            log.error("the %s pipeline could not be loaded: %s", s.model_name, self.error)
+            log.error(
+                "the %s pipeline could not be loaded: %s (a request loads it again once a file in the "
+                "weights folder or a checkpoint appears or changes; no restart needed)",
+                s.model_name,
+                self.error,
+            )
         else:
             self.pipeline = pipe
             self.load_seconds = time.perf_counter() - t0
