@@ -51,12 +51,13 @@ $(LS_VENV)/.installed: $(LS_LOCK)
 ls-venv: $(LS_VENV)/.installed
 
 # Start the backend on the embedded defaults. The default backbone's weights are fetched when missing and
-# reachable; offline the server still starts and /health plus the log name the file to put in weights/.
-# backend/api/gunicorn_conf.py makes /metrics sum all WORKERS (Prometheus multiprocess mode). Backbone features
-# are cached on disk (COSOD_CACHE_DIR, default $MODEL_DIR/features): grouping by similarity and the predictions
-# then share one backbone pass per image, and a restart does not recompute them.
+# reachable; offline the fetch prints one notice and exits 0, the server starts, /health names the file to
+# put in weights/ and loads it once it is there, without a restart. Another fetch failure (a download with
+# the wrong sha256) stops here. backend/api/gunicorn_conf.py makes /metrics sum all WORKERS (Prometheus
+# multiprocess mode). Backbone features are cached on disk (COSOD_CACHE_DIR, default $MODEL_DIR/features):
+# grouping by similarity and the predictions then share one backbone pass per image.
 run: install
-	-$(BIN)/cosod weights fetch $(COSOD_BACKBONE) --if-missing
+	$(BIN)/cosod weights fetch $(COSOD_BACKBONE) --if-missing --offline-ok
 	COSOD_CACHE_DIR="$${COSOD_CACHE_DIR:-$${MODEL_DIR:-$(CURDIR)/model_dir}/features}" \
 	$(BIN)/gunicorn -c python:backend.api.gunicorn_conf --bind $(HOST):$(PORT) --workers $(WORKERS) \
 		--threads $(THREADS) --timeout 0 'backend.api.app:create_app()'

@@ -32,12 +32,13 @@ from PIL import Image
 
 from .checksums import cached_sha256, copy_with_sha256
 from .errors import UnknownBackboneError, WeightsChecksumError, WeightsInvalidError, WeightsMissingError
+from .paths import DEFAULT_WEIGHTS_DIR as DEFAULT_WEIGHTS_DIR  # defined there: importable without torch
+from .paths import weights_dir
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_WEIGHTS_DIR = "weights"
 
 
 @dataclass(frozen=True)
@@ -173,11 +174,6 @@ def get_spec(name: str) -> BackboneSpec:
         known = ", ".join(sorted(BACKBONES) + sorted(ALIASES))
         raise UnknownBackboneError(f"unknown backbone {name!r}; known: {known}")
     return BACKBONES[key]
-
-
-def weights_dir(path: str | os.PathLike[str] | None = None) -> Path:
-    """The weights directory: ``path``, else ``$COSOD_WEIGHTS_DIR``, else ``weights/``."""
-    return Path(path or os.environ.get("COSOD_WEIGHTS_DIR") or DEFAULT_WEIGHTS_DIR)
 
 
 def weights_path(spec: BackboneSpec, wdir: str | os.PathLike[str] | None = None) -> Path | None:

@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("name")
     w.add_argument("--weights-dir", default=None)
     w.add_argument("--if-missing", action="store_true", help="do nothing when the file is already there")
+    w.add_argument(
+        "--offline-ok",
+        action="store_true",
+        help="when the hub cannot be reached (and the file is not in the local Hugging Face cache), print "
+        "one notice naming the file to put in place and exit 0; other failures still exit 1",
+    )
     return parser
 
 
@@ -335,6 +341,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _network_error(exc: BaseException) -> bool:
+    """Whether a failed download failed for want of the network: the hub unreachable and the file not in
+    the local cache (``huggingface_hub`` says so with LocalEntryNotFoundError), or the connection itself."""
+    from huggingface_hub.utils import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    network: list[type[BaseException]] = [
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        ConnectionError,
+        TimeoutError,
+    ]
+    for module, name in (
+        ("httpx", "TransportError"),
+        ("requests", "ConnectionError"),
+        ("requests", "Timeout"),
+    ):
+        try:  # huggingface_hub 1.x downloads with httpx, older releases with requests
+            network.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return isinstance(exc, tuple(network))
+
+
 def _hub_reachable(timeout: float = 5.0) -> bool:
     """Can a TCP connection to the hub (``HF_ENDPOINT``, default huggingface.co) be opened?"""
     import socket
@@ -375,13 +404,22 @@ def cmd_weights(args: argparse.Namespace) -> int:
         return EXIT_OK
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
-    if not _hub_reachable():
+    reachable = _hub_reachable()
+    if not reachable:
         # Offline: only the local Hugging Face cache can help; skip minutes of retries against the network.
-        log.info("the Hugging Face hub is not reachable; looking in the local cache only")
+        if not args.offline_ok:
+            log.info("the Hugging Face hub is not reachable; looking in the local cache only")
         os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         path = fetch_weights(spec.name, args.weights_dir)
     except Exception as exc:  # offline, hub refused, disk full: say what to do instead
+        if args.offline_ok and (not reachable or _network_error(exc)):
+            print(
+                f"cosod weights: {spec.name} not fetched: the Hugging Face hub is not reachable (offline?); "
+                f"put the file at {expected_path(spec, args.weights_dir)} (see weights/README.md), a running "
+                "backend picks it up without a restart"
+            )
+            return EXIT_OK
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(
             f"cosod weights: cannot fetch {spec.name} ({reason}); put the file at "

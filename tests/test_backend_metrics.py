@@ -160,7 +160,9 @@ def test_a_multiprocess_dir_set_after_the_import_is_refused(tmp_path, monkeypatc
 
 
 def test_app_metrics_after_requests(tmp_path) -> None:
-    app = create_app(Settings(model_dir=str(tmp_path)), pipeline_factory=fake_pipeline)
+    # images from disk (local files): ready without Label Studio's URL and key
+    settings = Settings(model_dir=str(tmp_path), local_files_root=str(tmp_path))
+    app = create_app(settings, pipeline_factory=fake_pipeline)
     assert app.extensions["cosod"]["loader"].wait(10)
     client = app.test_client()
     for _ in range(3):

@@ -13,7 +13,6 @@ error reaches the client as JSON ``{"error": ..., "status": ...}``; tracebacks s
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from functools import partial
 from typing import Any
@@ -31,6 +30,7 @@ from ..prediction import build_model
 from ..prediction.pipelines import PipelineFactory, PipelineLoader
 from ..settings import Settings
 from .guard import action_label, authorized, json_object, method_label
+from .health import health_body, status_line
 from .jobs_routes import blueprint as jobs_blueprint
 from .versions_routes import blueprint as versions_blueprint
 
@@ -79,11 +79,10 @@ def _configure_logging(level: str) -> None:
 
 
 def _publish_readiness(loader: PipelineLoader, metrics: Metrics) -> None:
-    """Set ``backbone_ready`` once the default pipeline's load ends (1 ready, 0 failed), so that in
-    multiprocess mode a worker's value is right even if it never answered ``/metrics`` itself."""
-    while not loader.wait(60.0) and loader.state == "loading":
-        pass
-    metrics.backbone_ready.set(1.0 if loader.state == "ready" else 0.0)
+    """Set ``backbone_ready`` each time a load of the default pipeline ends (1 ready, 0 failed; a failed
+    load is retried when its files change), so that in multiprocess mode a worker's value is right even if
+    it never answered ``/metrics`` itself."""
+    loader.on_settled = lambda state: metrics.backbone_ready.set(1.0 if state == "ready" else 0.0)
 
 
 def create_app(settings: Settings | None = None, pipeline_factory: PipelineFactory | None = None) -> Flask:
@@ -112,10 +111,8 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
         "ls": ls,
         "metrics": metrics,
     }
+    _publish_readiness(loader, metrics)
     loader.ensure_started()
-    threading.Thread(
-        target=_publish_readiness, args=(loader, metrics), name="cosod-ready-gauge", daemon=True
-    ).start()
     app.register_blueprint(jobs_blueprint)
     app.register_blueprint(versions_blueprint)
 
@@ -140,12 +137,14 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
         return resp
 
     @app.errorhandler(BackendError)
-    def _backend_error(exc: BackendError) -> tuple[Response, int]:
+    def _backend_error(exc: BackendError) -> Response:
         kind = type(exc).__name__
         metrics.errors.labels(kind=kind).inc()
         message = redact(str(exc), settings.secrets, settings.private_paths)
         log.warning("%s %s -> %d %s: %s", request.method, quote(request.path), exc.status, kind, message)
-        return jsonify(error=message, type=kind, status=exc.status), exc.status
+        resp = jsonify(error=message, type=kind, status=exc.status)
+        resp.status = status_line(exc.status, message)  # Label Studio shows the reason phrase, not the body
+        return resp
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:
@@ -166,46 +165,13 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
 
     @app.get("/")
     @app.get("/health")
-    def health() -> tuple[Response, int]:
-        redis_state = redis_probe.check()
-        ready = loader.state == "ready" and redis_state in (None, "ok")
-        status = {"ready": "UP", "loading": "LOADING", "failed": "ERROR"}.get(loader.state, "LOADING")
-        if loader.state == "ready" and not ready:
-            status = "DEGRADED"
-        body: dict[str, Any] = {
-            "status": status,
-            "ready": ready,
-            "model_class": "CoSODModel",
-            "backbone": settings.backbone,
-            "device": settings.device,
-            "redis": redis_state or "not configured",
-            "queue": "rq" if settings.redis_url else "in-process",
-            "label_studio": settings.label_studio_url or "not configured",
-        }
-        batch_reason = None
-        if redis_state == "ok":
-            workers = body["workers"] = redis_probe.workers(settings.queue_name)
-            if workers is None:
-                batch_reason = "the live workers could not be counted (Redis answered the ping, then not)"
-            elif not workers:
-                batch_reason = (
-                    f"no cosod-worker is alive on queue {settings.queue_name!r}: batch jobs "
-                    "(POST /jobs/prelabel, fine-tunes) wait in the queue until one starts"
-                )
-        elif redis_state is not None:
-            batch_reason = "Redis is unreachable: batch jobs can be neither queued nor run"
-        elif loader.state != "ready":
-            batch_reason = "the pipeline is not loaded: in-process jobs wait for it"
-        body["batch_ready"] = batch_reason is None
-        body["batch"] = batch_reason or (
-            f"{body['workers']} worker(s) on queue {settings.queue_name!r}" if redis_state else "in-process"
+    def health() -> Response:
+        body, _, line = health_body(
+            settings, loader, redis_probe.check(), partial(redis_probe.workers, settings.queue_name)
         )
-        if loader.state == "ready":
-            body["pipeline_version"] = getattr(loader.pipeline, "version_id", None)
-            body["load_seconds"] = round(loader.load_seconds or 0.0, 3)
-        if loader.error:
-            body["error"] = loader.error
-        return jsonify(redact_all(body, settings.secrets, settings.private_paths)), 200 if ready else 503
+        resp = jsonify(body)
+        resp.status = line  # the reason phrase: what Label Studio's connect dialog shows
+        return resp
 
     @app.post("/setup")
     def setup() -> Response:
