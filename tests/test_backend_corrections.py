@@ -15,7 +15,7 @@ from hostile_input import zero_rle
 from backend.errors import BadRequestError, CorrectionRefusedError, UnknownProjectError
 from backend.grouping import GroupKey
 from backend.labelstudio.regions import brush_region, decode_rle
-from backend.learning import corrections
+from backend.learning import corrections, masks
 from backend.learning.corrections import decode_group_key, handle_event, union_brush_mask
 from backend.learning.store import Store
 from backend.prediction.projects import ProjectRegistry
@@ -261,7 +261,7 @@ def _no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def decoded(*args: Any, **kw: Any) -> None:
         raise AssertionError("an RLE was decoded before the correction was checked")
 
-    monkeypatch.setattr(corrections, "rle_to_mask_fast", decoded)
+    monkeypatch.setattr(masks, "rle_to_mask_fast", decoded)
 
 
 def test_zero_rle_is_a_valid_rle() -> None:
@@ -352,10 +352,10 @@ def test_annotation_budgets_and_sizes_are_checked_before_decoding(
     many = [_region(m, rid=f"r{k}") for k in range(corrections.MAX_DECODED_IMAGES + 1)]
     with pytest.raises(CorrectionRefusedError, match=r"3600 pixels, over the limit of 8 x 400"):
         handle_event(store, "ANNOTATION_CREATED", event(many), max_pixels=400)
-    monkeypatch.setattr(corrections, "MAX_RLE_BYTES", 30)
+    monkeypatch.setattr(masks, "MAX_RLE_BYTES", 30)
     with pytest.raises(CorrectionRefusedError, match="RLE bytes, over the limit of 30 per annotation"):
         handle_event(store, "ANNOTATION_CREATED", event(many))
-    monkeypatch.setattr(corrections, "MAX_REGIONS", 3)
+    monkeypatch.setattr(masks, "MAX_REGIONS", 3)
     with pytest.raises(CorrectionRefusedError, match="9 regions, over the limit of 3"):
         handle_event(store, "ANNOTATION_CREATED", event(many))
     assert store.count_corrections(12) == 0
@@ -607,7 +607,7 @@ def test_bitmask_regions_are_checked_before_decoding(tmp_path: Path, monkeypatch
     def undecoded(*args: Any, **kw: Any) -> None:
         raise AssertionError("a PNG was decoded before the correction was checked")
 
-    monkeypatch.setattr(corrections, "data_url_to_mask", undecoded)
+    monkeypatch.setattr(masks, "data_url_to_mask", undecoded)
     alpha, _ = _stroke(20, 30)
 
     def event(*regions: dict[str, Any]) -> dict[str, Any]:
@@ -627,7 +627,7 @@ def test_bitmask_regions_are_checked_before_decoding(tmp_path: Path, monkeypatch
     many = [_bitmask_region(alpha, rid=f"r{k}") for k in range(corrections.MAX_DECODED_IMAGES + 1)]
     with pytest.raises(CorrectionRefusedError, match="5400 pixels, over the limit of 8 x 600"):
         handle_event(store, "ANNOTATION_CREATED", event(*many), max_pixels=600)
-    monkeypatch.setattr(corrections, "MAX_BITMASK_CHARS", 100)
+    monkeypatch.setattr(masks, "MAX_BITMASK_CHARS", 100)
     with pytest.raises(
         CorrectionRefusedError, match="bitmasklabels regions up to region 0 hold .* imageDataURL characters"
     ):
