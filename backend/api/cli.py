@@ -95,7 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("prelabel", parents=[common], help="pre-annotate a whole project, one job per group")
     pre.add_argument("--project", type=int, required=True, help="Label Studio project id")
-    pre.add_argument("--group-by", help="'project' or 'field:<name>' (default: the project's rule)")
+    pre.add_argument(
+        "--group-by",
+        help="a grouping rule: project, field:<name>, filename:<regex>, similar[:<t>] (default: project's)",
+    )
     pre.add_argument("--group", action="append", dest="groups", help="only this group (repeatable)")
     pre.add_argument("--wait", action="store_true", help="show a progress bar until every job ends")
     pre.add_argument("--poll", type=float, default=0.5, help="seconds between status polls (--wait)")
