@@ -4,8 +4,8 @@ Each project's state lives in memory and in ``MODEL_DIR/projects/<id>.json`` (wr
 gunicorn worker and a restarted process see the config and extra params (e.g. a ``group_by`` override) that
 the latest ``/setup`` delivered, whichever worker received it.
 
-Extra params understood (JSON object in the ML connection's "Extra params"): ``group_by`` (``project`` or
-``field:<name>``, overriding ``COSOD_GROUP_BY``), ``label`` (which ``<Label>`` of the control to write) and
+Extra params understood (JSON object in the ML connection's "Extra params"): ``group_by`` (any rule of
+:mod:`backend.grouping`, overriding ``COSOD_GROUP_BY``), ``label`` (which ``<Label>`` of the control to write) and
 ``model`` (``scosparc`` or ``ums``, overriding ``COSOD_MODEL``).
 """
 

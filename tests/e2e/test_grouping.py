@@ -97,7 +97,29 @@ def test_groups_from_file_names(label_studio: Any, grouping_backend: Any, e2e: A
     one_prediction_each(e2e, ls, project, tasks, ml["model_version"])
 
 
-def test_a_bad_rule_in_extra_params_is_refused_with_its_reason(grouping_backend: Any) -> None:
+def test_a_bad_rule_in_extra_params_is_refused_with_its_reason(
+    label_studio: Any, grouping_backend: Any, e2e: Any
+) -> None:
+    """Label Studio's connect dialog shows the backend's reason (carried in the HTTP reason phrase), not
+    only its generic "400 Client Error"."""
+    ls = label_studio
+    config = (REPO / "label_config" / "brush.xml").read_text()
+    project = e2e.ls_api(ls, "POST", "/api/projects", json={"title": "bad rule", "label_config": config})[
+        "id"
+    ]
+    refused = requests.post(
+        f"{ls.url}/api/ml",
+        headers={"Authorization": f"Token {ls.token}"},
+        json={
+            "url": grouping_backend.url,
+            "project": project,
+            "title": "cosod",
+            "extra_params": {"group_by": "bogus"},
+        },
+        timeout=120,
+    )
+    assert refused.status_code == 400, refused.text
+    assert "COSOD_GROUP_BY" not in refused.text and "group_by must be" in refused.text, refused.text
     resp = requests.post(
         f"{grouping_backend.url}/setup",
         json={
