@@ -6,7 +6,7 @@ that :mod:`backend.settings` can check the setting without importing the groupin
 
 from __future__ import annotations
 
-import re
+import regex
 
 __all__ = ["GROUP_BY_FORMS", "MAX_GROUP_REGEX_CHARS", "parse_group_by"]
 
@@ -39,7 +39,7 @@ def parse_group_by(value: str) -> str:
             raise ValueError(
                 f"group_by 'similar:<threshold>' needs a cosine threshold in (0, 1), got {value!r}"
             )
-        return f"similar:{t:g}"
+        return f"similar:{t!r}"  # repr: parsed again, it gives the same float
     raise ValueError(f"group_by {GROUP_BY_FORMS}, got {value!r}")
 
 
@@ -53,8 +53,8 @@ def _group_regex(pattern: str, value: str) -> str:
             f"group_by filename:<regex> needs at most {MAX_GROUP_REGEX_CHARS} characters, got {value!r}"
         )
     try:
-        compiled = re.compile(pattern)
-    except re.error as exc:
+        compiled = regex.compile(pattern)
+    except (regex.error, ValueError) as exc:
         raise ValueError(
             f"group_by filename:<regex> needs a regex that compiles ({exc}), got {value!r}"
         ) from None

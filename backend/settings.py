@@ -4,8 +4,9 @@ Environment variables (primary name, then aliases) -> field, default:
 
 - LABEL_STUDIO_URL, LABEL_STUDIO_HOST -> label_studio_url; none: then images only from the local-files root
 - LABEL_STUDIO_API_KEY, LABEL_STUDIO_ACCESS_TOKEN -> label_studio_api_key (legacy token or personal access
-  token); none: then the legacy token Label Studio sends in /setup. Without the URL or the key, /health is
-  not ready unless a local-files root or COSOD_LS_MEDIA_ROOT is set (backend/api/health.py)
+  token); none: then the legacy token Label Studio sends in /setup, which arrives only when /health is ready,
+  that is with a local-files root or COSOD_LS_MEDIA_ROOT: without the URL or the key and without either
+  root, /health is not ready (backend/api/health.py)
 - MODEL_DIR -> model_dir, ./model_dir
 - BASIC_AUTH_USER / BASIC_AUTH_PASS -> basic auth on every route, off by default
 - LOG_LEVEL -> log_level, INFO

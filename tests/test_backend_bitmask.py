@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import struct
 import zlib
 
@@ -161,7 +162,10 @@ def test_a_browser_draws_the_png_as_the_editor_does() -> None:
     webdriver = pytest.importorskip("selenium.webdriver")
     browser, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
     if not browser or not driver_bin:
-        pytest.skip("chromium and chromedriver are not installed (Debian: apt-get install chromium-driver)")
+        reason = "chromium and chromedriver are not installed: run `make browser`"
+        if os.environ.get("COSOD_TEST_BROWSER") == "required":  # CI: a missing browser is a failure
+            pytest.fail(reason)
+        pytest.skip(reason)
     from selenium.webdriver.chrome.service import Service
 
     mask = np.random.default_rng(3).random((37, 53)) > 0.6

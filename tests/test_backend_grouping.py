@@ -143,3 +143,34 @@ def test_similar_groups_travel_with_the_task_and_untagged_tasks_form_the_not_gro
     assert group_key(tagged[1].data, "similar") == GroupKey("similar", None)  # a forged value is dropped
     assert [t.id for t in members(tagged, GroupKey("similar", "s2"))] == [3]
     assert group_key(tagged[0].data, "similar:0.6") == GroupKey("similar", "s1")  # one rule, any threshold
+
+
+def test_a_similar_threshold_survives_being_saved_and_read_again() -> None:
+    from backend.grouping import effective_rule, similar_threshold
+    from backend.rules import parse_group_by
+
+    for text in ("similar:0.9999999", "similar:0.1234567891", "similar:1e-7", "similar:0.5"):
+        once = parse_group_by(text)
+        assert parse_group_by(once) == once and effective_rule(once) == "similar"
+        assert similar_threshold(once) == float(text.split(":")[1])
+
+
+def test_a_regex_that_backtracks_forever_is_stopped_and_matches_nothing() -> None:
+    import time
+
+    rule = "filename:^(a|aa)+$"
+    t0 = time.perf_counter()
+    key = group_key({"image": "/data/upload/1/" + "a" * 200 + "!.png"}, rule)
+    assert key == GroupKey(rule, None) and time.perf_counter() - t0 < 1.0
+    assert group_key({"image": "aaaa"}, rule) == GroupKey(rule, "a")
+
+
+def test_groups_of_buckets_each_task_once() -> None:
+    from backend.grouping import groups_of
+
+    got = groups_of(TASKS + [TaskRef(1, {"image": "x.png", "group": "dogs"})], "auto")
+    assert {k.value: [t.id for t in v] for k, v in got.items()} == {
+        "cats": [1, 3],
+        "dogs": [2],
+        None: [4, 5, 6],
+    }

@@ -396,3 +396,33 @@ def test_ums_project_finetunes_registers_and_serves_its_head(tmp_path: Path) -> 
     pipe, version = reg.serving(PROJECT, base, BASE)
     assert version == "ums-p12-v1" and pipe.v2_backbone is v2 and pipe.ums.net is not net
     assert load_head_pipeline(base, rec.path).bm_bar == pytest.approx(load_ums(rec.path).bm_bar)
+
+
+def test_a_candidate_is_not_activated_when_the_active_version_changed_while_it_trained(
+    tmp_path: Path,
+) -> None:
+    """Promoted (or rolled back) by hand during a fine-tune: the candidate's evidence was measured against
+    its parent, not against what serves now, so it is kept, not activated over the hand-made choice."""
+    reg = Registry(Store(tmp_path))
+    reg.ensure_base(1, "scosparc", "scosparc-p1-base", {})
+    for name in ("scosparc-p1-v1", "scosparc-p1-v2"):
+        (tmp_path / f"{name}.pt").write_bytes(b"x")
+    reg.register(
+        VersionRecord(
+            1,
+            "scosparc-p1-v1",
+            "scosparc",
+            parent="scosparc-p1-base",
+            path=str(tmp_path / "scosparc-p1-v1.pt"),
+        ),
+        activate=True,
+    )
+    reg.promote(1, "scosparc-p1-base")  # by hand, while v2 trains against v1
+    late = reg.register(
+        VersionRecord(
+            1, "scosparc-p1-v2", "scosparc", parent="scosparc-p1-v1", path=str(tmp_path / "scosparc-p1-v2.pt")
+        ),
+        activate=True,
+    )
+    assert reg.active_name(1) == "scosparc-p1-base"
+    assert late.status == "rejected" and "changed from scosparc-p1-v1 to scosparc-p1-base" in late.decision

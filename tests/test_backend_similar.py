@@ -123,17 +123,36 @@ def test_the_store_keeps_groups_across_processes_and_never_reassigns(tmp_path: P
 def _assign_in_process(args: tuple[str, int]) -> dict[int, str]:
     root, seed = args
     pairs, _ = planted([6, 6], seed=11)
-    order = list(pairs)
-    np.random.default_rng(seed).shuffle(order)
-    return SimilarGroups(root).assign(3, dict(order), threshold=0.6, min_size=2, max_size=64)
+    rng = np.random.default_rng(seed)
+    part = [pairs[i] for i in sorted(rng.choice(len(pairs), size=8, replace=False))]  # overlapping subsets
+    return SimilarGroups(root).assign(3, dict(part), threshold=0.6, min_size=1, max_size=64)
 
 
 def test_processes_assigning_at_once_agree(tmp_path: Path) -> None:
     ctx = mp.get_context("spawn")
     with ctx.Pool(4) as pool:
         results = pool.map(_assign_in_process, [(str(tmp_path), s) for s in range(4)])
-    assert all(r == results[0] for r in results)
-    assert len(results[0]) == 12 and len(set(results[0].values())) == 2
+    final = SimilarGroups(tmp_path).lookup(3)
+    assert all(r == {t: final[t] for t in r} for r in results)  # nobody saw another group for a task
+    _, truth = planted([6, 6], seed=11)
+    assert same_partition({t: int(g[1:]) for t, g in final.items()}, {t: truth[t] for t in final})
+
+
+def test_a_new_feature_space_starts_new_groups_and_keeps_the_old_ones(tmp_path: Path) -> None:
+    store = SimilarGroups(tmp_path)
+    pairs, _ = planted([3, 3], seed=12)
+    before = store.assign(5, dict(pairs), space="dino", threshold=0.6, min_size=1, max_size=64)
+    wide = {100: np.ones(DIM * 2), 101: np.ones(DIM * 2)}  # another backbone: another width
+    after = store.assign(5, wide, space="dinov2", threshold=0.6, min_size=1, max_size=64)
+    assert {t: after[t] for t in before} == before
+    assert after[100] == after[101] and after[100] not in set(before.values())
+
+
+def test_grouping_for_one_answer_stores_nothing(tmp_path: Path) -> None:
+    store = SimilarGroups(tmp_path)
+    pairs, _ = planted([2, 2], seed=13)
+    out = store.assign(6, dict(pairs), threshold=0.6, min_size=1, max_size=64, persist=False)
+    assert len(out) == 4 and store.lookup(6) == {}
 
 
 class _Feats:

@@ -46,7 +46,8 @@ class Api:
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
         try:
-            resp = requests.request(method, self.url + path, auth=self.auth, timeout=120, **kw)
+            kw.setdefault("timeout", 120)
+            resp = requests.request(method, self.url + path, auth=self.auth, **kw)
         except requests.RequestException as exc:
             raise UsageError(f"the backend at {self.url} is unreachable ({exc.__class__.__name__})") from None
         try:
@@ -185,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                 body["group_by"] = args.group_by
             if args.groups:
                 body["groups"] = args.groups
-            out = api.call("POST", "/jobs/prelabel", json=body)
+            out = api.call(
+                "POST", "/jobs/prelabel", json=body, timeout=3600
+            )  # `similar` groups new tasks first
             print(
                 f"project {out['project']}: {len(out['jobs'])} group jobs "
                 f"({len(out['created'])} new, {len(out['existing'])} already queued or done)"

@@ -22,6 +22,7 @@ tasks not yet assigned form that group.
 from __future__ import annotations
 
 import hashlib
+import logging
 import posixpath
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,14 +31,22 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import regex
+
 from ..settings import parse_group_by
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FIELD = "group"
 # the data key under which a task's ``similar`` group travels (never a Label Studio field: starts with NUL)
 SIMILAR_KEY = "\x00cosod_similar"
 # Label Studio's upload prefix: /data/upload/<project>/<8 hex>-<original name>
 _UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-(?=.)")
-MAX_NAME_CHARS = 1024  # a file name longer than this is cut before the regex sees it
+MAX_NAME_CHARS = 255  # a file name longer than this is cut before the regex sees it (ext4's own limit)
+# One match of a filename: regex may take this long; past it the name counts as not matching (logged). The
+# rule's regex comes from a project's extra params: a pattern such as ^(a|aa)+$ backtracks exponentially, and
+# Python's re holds the interpreter lock while it matches, which would stop every thread of the process.
+MATCH_TIMEOUT_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -93,8 +102,21 @@ def file_name(ref: Any) -> str | None:
 
 
 @lru_cache(maxsize=64)
-def _compiled(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
+def _compiled(pattern: str) -> regex.Pattern[str]:
+    return regex.compile(pattern)
+
+
+def _capture(pattern: str, name: str) -> str | None:
+    """The first capture group of ``pattern`` searched in ``name``; None when it does not match, or when the
+    search takes more than :data:`MATCH_TIMEOUT_S` (the ``regex`` package stops it; ``re`` cannot)."""
+    try:
+        match = _compiled(pattern).search(name, timeout=MATCH_TIMEOUT_S)
+    except TimeoutError:
+        log.warning(
+            "group_by filename:%s gave up on %r after %.2f s: no group", pattern, name, MATCH_TIMEOUT_S
+        )
+        return None
+    return match.group(1) if match else None
 
 
 def group_key(data: Mapping[str, Any], group_by: str, image_key: str = "image") -> GroupKey:
@@ -109,8 +131,7 @@ def group_key(data: Mapping[str, Any], group_by: str, image_key: str = "image") 
         value = data.get(SIMILAR_KEY)
     elif rule.startswith("filename:"):
         name = file_name(data.get(image_key))
-        match = _compiled(rule[len("filename:") :]).search(name) if name else None
-        value = match.group(1) if match else None
+        value = _capture(rule[len("filename:") :], name) if name else None
     else:
         value = data.get(rule[len("field:") :])
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -126,6 +147,20 @@ def tag_similar(tasks: Iterable[TaskRef], assigned: Mapping[int, str]) -> list[T
         if t.id in assigned:
             data[SIMILAR_KEY] = assigned[t.id]
         out.append(TaskRef(t.id, data))
+    return out
+
+
+def groups_of(
+    tasks: Iterable[TaskRef], group_by: str, image_key: str = "image"
+) -> dict[GroupKey, list[TaskRef]]:
+    """Every group of ``tasks``: key -> its tasks sorted by id, each id once (the first occurrence wins).
+    Each task's key is computed once (:func:`members` would compute them once per group)."""
+    seen: dict[int, TaskRef] = {}
+    for t in tasks:
+        seen.setdefault(t.id, t)
+    out: dict[GroupKey, list[TaskRef]] = {}
+    for i in sorted(seen):
+        out.setdefault(group_key(seen[i].data, group_by, image_key), []).append(seen[i])
     return out
 
 

@@ -15,6 +15,8 @@ background, decide the group.
    group has room, the group stays as it is.
 3. What is stored never changes: a task keeps its group, and group ids (``s1``, ``s2``, ... per project)
    are never reused. A task imported later joins the nearest group or starts a new one by the same rules.
+4. Groups belong to a feature space (the backbone id): a task joins only groups of its own space, so a new
+   backbone starts new groups and the tasks grouped before keep theirs.
 
 :class:`SimilarGroups` keeps the assignments in a SQLite file (``<MODEL_DIR>/groups.sqlite3``); assignment
 runs in one ``BEGIN IMMEDIATE`` transaction, so processes that assign at the same time never disagree: the
@@ -38,6 +40,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS similar_groups (
     project INTEGER NOT NULL,
     gid INTEGER NOT NULL,
+    space TEXT NOT NULL,
     n INTEGER NOT NULL,
     total BLOB NOT NULL,
     PRIMARY KEY (project, gid)
@@ -84,9 +87,11 @@ def assign(
     threshold: float,
     min_size: int,
     max_size: int,
+    first_gid: int | None = None,
 ) -> dict[int, int]:
     """Assign ``new`` (task id, descriptor) pairs to ``clusters`` (group id -> :class:`Cluster`, updated in
-    place, new groups added with the next ids) by the module's rules. Returns task id -> group id."""
+    place, new groups added with the next ids, from ``first_gid`` when given) by the module's rules.
+    Returns task id -> group id."""
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
     if not 1 <= min_size <= max_size:
@@ -96,7 +101,7 @@ def assign(
     if len(dims) > 1:
         raise ValueError(f"descriptors of different widths {sorted(dims)}: was the backbone changed?")
     old = set(clusters)
-    next_gid = max(clusters, default=0) + 1
+    next_gid = max(max(clusters, default=0) + 1, first_gid or 1)
     out: dict[int, int] = {}
     members: dict[int, list[int]] = {}
 
@@ -176,37 +181,51 @@ class SimilarGroups:
         project: int,
         descriptors: Mapping[int, np.ndarray],
         *,
+        space: str = "",
         threshold: float,
         min_size: int,
         max_size: int,
+        persist: bool = True,
     ) -> dict[int, str]:
-        """Store the groups of the tasks of ``descriptors`` not assigned yet (one transaction); returns the
-        whole project's task id -> group value."""
+        """Assign the tasks of ``descriptors`` not assigned yet (one transaction) and return the whole
+        project's task id -> group value. ``space`` names the descriptors' feature space (the backbone id):
+        a task joins only groups of its own space, so changing the backbone starts new groups instead of
+        comparing unlike vectors (the tasks grouped before keep their groups). ``persist=False`` computes
+        the same answer and stores nothing (for tasks Label Studio cannot vouch for)."""
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
-            done = {
-                t for (t,) in db.execute("SELECT task_id FROM similar_tasks WHERE project = ?", (project,))
-            }
-            new = [(t, v) for t, v in descriptors.items() if t not in done]
+            known = dict(db.execute("SELECT task_id, gid FROM similar_tasks WHERE project = ?", (project,)))
+            new = [(t, v) for t, v in descriptors.items() if t not in known]
             if new:
+                rows = db.execute(
+                    "SELECT gid, space, n, total FROM similar_groups WHERE project = ?", (project,)
+                ).fetchall()
                 clusters = {
                     gid: Cluster(np.frombuffer(total, dtype=np.float64).copy(), n)
-                    for gid, n, total in db.execute(
-                        "SELECT gid, n, total FROM similar_groups WHERE project = ?", (project,)
-                    )
+                    for gid, sp, n, total in rows
+                    if sp == space
                 }
-                out = assign(clusters, new, threshold=threshold, min_size=min_size, max_size=max_size)
-                db.executemany(
-                    "INSERT INTO similar_tasks (project, task_id, gid) VALUES (?, ?, ?)",
-                    [(project, t, g) for t, g in out.items()],
+                first = max((r[0] for r in rows), default=0) + 1
+                out = assign(
+                    clusters, new, threshold=threshold, min_size=min_size, max_size=max_size, first_gid=first
                 )
-                db.executemany(
-                    "INSERT OR REPLACE INTO similar_groups (project, gid, n, total) VALUES (?, ?, ?, ?)",
-                    [(project, g, c.n, c.total.astype(np.float64).tobytes()) for g, c in clusters.items()],
-                )
-            db.execute("COMMIT")
+                known.update(out)
+                if persist:
+                    db.executemany(
+                        "INSERT INTO similar_tasks (project, task_id, gid) VALUES (?, ?, ?)",
+                        [(project, t, g) for t, g in out.items()],
+                    )
+                    db.executemany(
+                        "INSERT OR REPLACE INTO similar_groups (project, gid, space, n, total) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        [
+                            (project, g, space, c.n, c.total.astype(np.float64).tobytes())
+                            for g, c in clusters.items()
+                        ],
+                    )
+            db.execute("COMMIT" if persist else "ROLLBACK")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return self.lookup(project)
+        return {t: group_name(g) for t, g in known.items()}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..grouping import group_key, members
+from ..grouping import groups_of
 from . import queue as jobqueue
 from .enqueue import current_tasks, group_job_id
 
@@ -23,7 +23,9 @@ def project_coverage(project_id: int, group_by: str | None = None) -> dict[str, 
     """``{"project", "model_version", "tasks", "predicted", "missing", "groups": [{"group", "tasks",
     "predicted", "missing", "job", "job_status"}]}`` for the project's serving version. A task whose
     prediction versions Label Studio cut short is asked about on its own."""
-    ctx, rule, version, tasks, image_key = current_tasks(project_id, group_by, time.monotonic())
+    ctx, rule, version, tasks, image_key = current_tasks(
+        project_id, group_by, time.monotonic(), group_new=False
+    )
     states = {st.task.id: st for st in ctx.ls.tasks_with_versions(project_id, [t.id for t in tasks])}
 
     def predicted(task_id: int) -> bool:
@@ -34,12 +36,11 @@ def project_coverage(project_id: int, group_by: str | None = None) -> dict[str, 
         return bool(ctx.ls.task_has_prediction(task_id, version)) if has is None else has
 
     q = jobqueue.get_queue(ctx.settings)
-    keys = sorted(
-        {group_key(t.data, rule, image_key) for t in tasks}, key=lambda k: (k.value is None, k.value or "")
-    )
+    by_key = groups_of(tasks, rule, image_key)
+    keys = sorted(by_key, key=lambda k: (k.value is None, k.value or ""))
     groups: list[dict[str, Any]] = []
     for key in keys:
-        ids = [t.id for t in members(tasks, key, image_key)]
+        ids = [t.id for t in by_key[key]]
         done = sum(predicted(i) for i in ids)
         job_id = group_job_id(project_id, key, version, ids)
         info = q.fetch(job_id)

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 from ..errors import quote
-from ..grouping import GroupKey, TaskRef, effective_rule, group_key, members
+from ..grouping import GroupKey, TaskRef, effective_rule, groups_of
 from ..labelstudio.protocol import parse_id
 from ..settings import parse_group_by
 from . import queue as jobqueue
@@ -42,13 +42,14 @@ def group_job_id(project_id: int, key: GroupKey, model_version: str, task_ids: I
 
 
 def current_tasks(
-    project_id: int, group_by: str | None, arrived: float
+    project_id: int, group_by: str | None, arrived: float, *, group_new: bool = True
 ) -> tuple[JobContext, str, str, list[TaskRef], str]:
     """For a request that arrived at ``arrived`` (``time.monotonic()``): the job context, the grouping rule
     (``group_by`` or the project's), the version the project serves, the project's tasks from a listing
     that started after the request arrived, and the data key of their images. Under ``similar`` the tasks
-    carry their groups; the ones not grouped yet are grouped here, their features computed once and cached
-    for the jobs. Fails fast: an HTTP request is waiting."""
+    carry their groups, and with ``group_new`` the ones not grouped yet are grouped here, in this process
+    (one backbone pass per new image, its features cached for the jobs; each chunk is stored as it is done,
+    so a request cut short loses nothing). Fails fast: an HTTP request is waiting."""
     ctx = context()
     project = project_state(ctx, project_id, attempts=1)
     if group_by is not None:
@@ -62,7 +63,10 @@ def current_tasks(
         lambda: ctx.ls.project_tasks(project_id, refresh=True, since=arrived, sdk_retries=0),
         attempts=1,
     )
-    tasks = ctx.model.similar.resolve(project, tasks, pipeline, listed=tasks)
+    if group_new:
+        tasks = ctx.model.similar.resolve(project, tasks, pipeline, listed=tasks)[0]
+    else:
+        tasks = ctx.model.similar.tag(project, tasks)
     return ctx, rule, version, tasks, project.config.image_key
 
 
@@ -78,9 +82,8 @@ def enqueue_prelabel(
     ):
         raise ValueError(f"groups must be a list of group names (strings or null), got {quote(groups)}")
     ctx, rule, version, tasks, image_key = current_tasks(project_id, group_by, arrived)
-    keys = sorted(
-        {group_key(t.data, rule, image_key) for t in tasks}, key=lambda k: (k.value is None, k.value or "")
-    )
+    by_key = groups_of(tasks, rule, image_key)
+    keys = sorted(by_key, key=lambda k: (k.value is None, k.value or ""))
     if groups is not None:
         known = {k.value for k in keys}
         unknown = [g for g in groups if g not in known]
@@ -94,7 +97,7 @@ def enqueue_prelabel(
     s = ctx.settings
     out = []
     for key in keys:
-        ids = [t.id for t in members(tasks, key, image_key)]
+        ids = [t.id for t in by_key[key]]
         out.append(
             q.enqueue(
                 prelabel_group,

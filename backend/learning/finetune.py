@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,13 +112,17 @@ def run_finetune(
                 len(bad),
                 ", ".join(str(b.annotation_id) for b in bad[:10]) + (" ..." if len(bad) > 10 else ""),
             )
+        listed = list(list_group_tasks(project_id)) if list_group_tasks is not None else None
+        if listed is not None:  # each correction in its task's group under the rule of today
+            now = {t.id: encode_group_key(group_key(t.data, group_by, image_key)) for t in listed}
+            corrections = [replace(c, group_key=now.get(c.task_id, c.group_key)) for c in corrections]
         members = _corrected_images(project_id, store, corrections, read_image)
-        if list_group_tasks is not None and members:
+        if listed is not None and members:
             corrected = {c.task_id for c in corrections}
             _add_context(
                 project_id,
                 members,
-                list_group_tasks(project_id),
+                listed,
                 corrected,
                 read_image,
                 group_by,
@@ -187,7 +191,8 @@ def run_finetune(
             config=record["config"],
             train_metrics=result.train_metrics,
         )
-        registry.register(rec, activate=promoted, trained_seq=seq)
+        rec = registry.register(rec, activate=promoted, trained_seq=seq)
+        promoted, decision = rec.status == "active", rec.decision  # not when promoted by hand meanwhile
         registry.record_scores(project_id, active_version, active_scores)
         _stage(progress, "registered", version=version, promoted=promoted)
         log.info("project %s: %s (%s)", project_id, version, decision)
@@ -196,7 +201,7 @@ def run_finetune(
             "status": "promoted" if promoted else "rejected",
             "version": version,
             "parent": active_version,
-            "active": version if promoted else active_version,
+            "active": registry.active_name(project_id),
             "decision": decision,
             "evidence": evidence,
             "scores": cand_scores,

@@ -282,10 +282,17 @@ class Registry:
         up to ``trained_seq`` as trained, in the same transaction. Raises ValueError if the name exists."""
         if rec.path is not None and not Path(rec.path).is_file():
             raise ValueError(f"checkpoint of {rec.version} not found at {rec.path}")
-        rec.status = "active" if activate else "rejected"
         with self.store.write() as con:
             row = con.execute("SELECT version FROM active WHERE project = ?", (rec.project,)).fetchone()
             old = str(row[0]) if row else None
+            if activate and rec.parent is not None and old is not None and old != rec.parent:
+                # promoted or rolled back by hand while it trained: its evidence is against another version
+                activate = False
+                rec.decision = (
+                    f"kept: the active version changed from {rec.parent} to {old} during the fine-tune "
+                    f"(it was measured against {rec.parent}); promote it by hand if wanted"
+                )
+            rec.status = "active" if activate else "rejected"
             try:
                 con.execute(
                     "INSERT INTO versions (project, version, model, parent, path, status, created, record) "

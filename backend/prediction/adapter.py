@@ -49,6 +49,11 @@ from .similar import SimilarGrouper
 
 log = logging.getLogger(__name__)
 
+NOT_GROUPED = (
+    "not computed yet: grouping by similarity takes at most COSOD_MAX_PREDICT_TASKS={cap} new images per "
+    "request and this task's turn has not come (ask again, or pre-annotate with POST /jobs/prelabel)"
+)
+
 
 class CoSODModel:
     """One per process; holds per-project state, the group cache and the Label Studio client."""
@@ -195,12 +200,15 @@ class CoSODModel:
         """
         pipeline, version = self.serving(project)
         refs = [_task_ref(t, i) for i, t in enumerate(tasks)]
-        if self.similar.applies(project):  # assign the project's new tasks to groups first
-            mine = self.similar.resolve(project, [r for r, o in refs if o in (None, project.id)], pipeline)
-            tagged = {t.id: t for t in mine}
-            refs = [(tagged.get(r.id, r), o) for r, o in refs]
         cap = self.settings.max_predict_tasks
         outcomes: dict[int, Outcome] = {}
+        if self.similar.applies(project):  # group the project's new tasks first, at most `cap` images
+            mine, waiting = self.similar.resolve(
+                project, [r for r, o in refs if o in (None, project.id)], pipeline, budget=cap
+            )
+            tagged = {t.id: t for t in mine}
+            refs = [(tagged.get(r.id, r), o) for r, o in refs]
+            outcomes.update({i: Outcome(error=NOT_GROUPED.format(cap=cap), kind="over_cap") for i in waiting})
         by_group: dict[GroupKey, list[TaskRef]] = {}
         taken = 0
         for ref, owner in refs:
@@ -210,6 +218,8 @@ class CoSODModel:
                     "this request: not read",
                     kind="wrong_project",
                 )
+            elif ref.id in outcomes:
+                pass
             elif taken >= cap:
                 outcomes[ref.id] = Outcome(
                     error=f"not computed: the request has more than COSOD_MAX_PREDICT_TASKS={cap} tasks "
@@ -306,11 +316,10 @@ class CoSODModel:
                 self.metrics.errors.labels(kind="label_studio").inc()
         else:
             log.debug("Label Studio is not configured: the group is the request's tasks")
-        by_id = {t.id: t for t in listed or []}
+        by_id = {t.id: t for t in self.similar.tag(project, listed or [])}  # the asked ones: tagged already
         outsiders = {t.id for t in asked if t.id not in by_id} if listed is not None else set()
         by_id.update({t.id: t for t in asked if t.id not in outsiders})
-        tasks = self.similar.tag(project, list(by_id.values()))
-        return members(tasks, key, project.config.image_key), outsiders
+        return members(by_id.values(), key, project.config.image_key), outsiders
 
     def _predict_group(
         self, project: Project, key: GroupKey, asked: list[TaskRef], pipeline: Any, version: str

@@ -5,8 +5,8 @@ gunicorn worker and a restarted process see the config and extra params (e.g. a 
 the latest ``/setup`` delivered, whichever worker received it.
 
 Extra params understood (JSON object in the ML connection's "Extra params"): ``group_by`` (any rule of
-:mod:`backend.grouping`, overriding ``COSOD_GROUP_BY``), ``label`` (which ``<Label>`` of the control to write) and
-``model`` (``scosparc`` or ``ums``, overriding ``COSOD_MODEL``).
+:mod:`backend.grouping`, overriding ``COSOD_GROUP_BY``), ``label`` (which ``<Label>`` of the control to
+write) and ``model`` (``scosparc`` or ``ums``, overriding ``COSOD_MODEL``).
 """
 
 from __future__ import annotations

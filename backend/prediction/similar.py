@@ -80,38 +80,56 @@ class SimilarGrouper:
         asked: Sequence[TaskRef],
         pipeline: Any,
         listed: Sequence[TaskRef] | None = None,
-    ) -> list[TaskRef]:
-        """``asked`` tagged with their groups, after assigning every task of the project that has none:
-        the tasks Label Studio lists (``listed``, or listed here), else only ``asked``."""
+        budget: int | None = None,
+    ) -> tuple[list[TaskRef], set[int]]:
+        """``asked`` tagged with their groups, after assigning the project's tasks that have none, in id
+        order, at most ``budget`` of them (None: all); and the ids of the asked tasks still without a group.
+
+        The tasks considered are those Label Studio lists (``listed``, or listed here, again when an asked
+        task is missing from the cached list). Without a listing (Label Studio not configured or not
+        reachable), the asked tasks are grouped among themselves and with the stored groups for this answer
+        only: nothing is stored for tasks Label Studio cannot vouch for. Each chunk of
+        ``COSOD_MAX_GROUP_IMAGES`` images is stored as soon as it is grouped, so work cut short is kept."""
         if not self.applies(project):
-            return list(asked)
+            return list(asked), set()
         known = self.store.lookup(project.id)
-        if listed is None:
-            listed = self._listed(project)
+        if listed is None and any(t.id not in known for t in asked):
+            listed = self._listed(project, refresh=False)
+            if listed is not None and not {t.id for t in asked} <= {t.id for t in listed}:
+                listed = self._listed(project, refresh=True)
+        persist = listed is not None
         candidates = list(listed) if listed is not None else list(asked)
         if any(t.id not in known for t in candidates):
             with self._lock:
                 known = self.store.lookup(project.id)
                 todo = sorted({t.id: t for t in candidates if t.id not in known}.values(), key=lambda t: t.id)
                 if todo:
-                    known = self._assign(project, todo, pipeline)
-        return tag_similar(asked, known)
+                    known = self._assign(project, todo[:budget], pipeline, persist=persist)
+        return tag_similar(asked, known), {t.id for t in asked if t.id not in known}
 
-    def _listed(self, project: Project) -> list[TaskRef] | None:
+    def _listed(self, project: Project, *, refresh: bool) -> list[TaskRef] | None:
         if not self.ls.configured:
             return None
         try:
-            return self.ls.project_tasks(project.id)
+            return self.ls.project_tasks(project.id, refresh=refresh)
         except UnknownProjectError:
             raise
         except BackendError as exc:
-            log.warning("project %s: grouping only the request's tasks (%s)", project.id, exc)
+            log.warning("project %s: grouping only the request's tasks, for now (%s)", project.id, exc)
             return None
 
-    def _assign(self, project: Project, todo: list[TaskRef], pipeline: Any) -> dict[int, str]:
+    def _assign(
+        self, project: Project, todo: list[TaskRef], pipeline: Any, *, persist: bool
+    ) -> dict[int, str]:
         image_key = project.config.image_key
-        found: dict[int, np.ndarray] = {}
+        threshold = similar_threshold(project.group_by) or self.settings.similar_threshold
+        space = str(getattr(getattr(pipeline, "backbone", None), "id", "") or "")
         step = max(1, self.settings.max_group_images)
+        out = self.store.lookup(project.id)
+        seen: dict[
+            int, np.ndarray
+        ] = {}  # without persisting, each chunk is grouped again with the ones before
+        grouped = 0
         for start in range(0, len(todo), step):
             part, images = [], []
             for t in todo[start : start + step]:
@@ -120,22 +138,26 @@ class SimilarGrouper:
                     part.append(t.id)
                 except (ImageReadError, ImageRefusedError, ImageFetchError, BackendError) as exc:
                     log.warning("project %s task %s: not grouped, image not read (%s)", project.id, t.id, exc)
-            if images:
-                found.update(zip(part, descriptors(pipeline, images), strict=True))
-        threshold = similar_threshold(project.group_by) or self.settings.similar_threshold
-        out = self.store.assign(
-            project.id,
-            found,
-            threshold=threshold,
-            min_size=self.settings.similar_min_group,
-            max_size=self.settings.similar_max_group,
-        )
-        groups = {out[t] for t in found}
+            if not images:
+                continue
+            found = dict(zip(part, descriptors(pipeline, images), strict=True))
+            seen.update(found)
+            out = self.store.assign(
+                project.id,
+                found if persist else seen,
+                space=space,
+                threshold=threshold,
+                min_size=self.settings.similar_min_group,
+                max_size=self.settings.similar_max_group,
+                persist=persist,
+            )
+            grouped += len(found)
         log.info(
-            "project %s: %d task(s) grouped by similarity into %d group(s) (threshold %.2f)",
+            "project %s: %d task(s) grouped by similarity, %d group(s) in all (threshold %.2f)%s",
             project.id,
-            len(found),
-            len(groups),
+            grouped,
+            len(set(out.values())),
             threshold,
+            "" if persist else ", for this answer only (Label Studio did not list the tasks)",
         )
         return out

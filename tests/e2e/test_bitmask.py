@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,10 @@ def test_label_studio_editor_draws_a_bitmask_prediction_in_place(label_studio: A
     webdriver = pytest.importorskip("selenium.webdriver")
     browser, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
     if not browser or not driver_bin:
-        pytest.skip("chromium and chromedriver are not installed (Debian: apt-get install chromium-driver)")
+        reason = "chromium and chromedriver are not installed: run `make browser`"
+        if os.environ.get("COSOD_TEST_BROWSER") == "required":  # CI: a missing browser is a failure
+            pytest.fail(reason)
+        pytest.skip(reason)
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from skimage import measure
