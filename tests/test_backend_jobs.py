@@ -22,6 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def client(tiny_pipeline, tmp_path):
+    from backend.jobs import queue as jobqueue
+
+    with jobqueue._queues_lock:  # this process's in-process queue starts empty (other modules queue jobs too)
+        jobqueue._queues.clear()
     app = create_app(Settings(model_dir=str(tmp_path)), pipeline_factory=lambda s: tiny_pipeline)
     return app.test_client()
 
