@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import struct
 import zlib
 
@@ -157,15 +156,11 @@ def test_mask_must_be_2d() -> None:
 def test_a_browser_draws_the_png_as_the_editor_does() -> None:
     """Chromium decodes the data URL and draws it at (0, 0) on a canvas of its natural size, as Label
     Studio's editor does (``BitmaskRegion.restoreFromImageDataURL``): the canvas alpha is the mask."""
-    import shutil
 
     webdriver = pytest.importorskip("selenium.webdriver")
-    browser, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
-    if not browser or not driver_bin:
-        reason = "chromium and chromedriver are not installed: run `make browser`"
-        if os.environ.get("COSOD_TEST_BROWSER") == "required":  # CI: a missing browser is a failure
-            pytest.fail(reason)
-        pytest.skip(reason)
+    from browser import require_chromium
+
+    browser, driver_bin = require_chromium()
     from selenium.webdriver.chrome.service import Service
 
     mask = np.random.default_rng(3).random((37, 53)) > 0.6

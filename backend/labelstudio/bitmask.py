@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from .regions import mask_region
+
 PREFIX = "data:image/png;base64,"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _HEAD_CHARS = 32  # base64 of the first 24 bytes: signature, IHDR length and type, width, height
@@ -104,16 +106,7 @@ def bitmask_region(
     mask: np.ndarray, *, from_name: str, to_name: str, label: str, score: float, rid: str
 ) -> dict[str, Any]:
     """One BitmaskLabels region for a bool HxW mask at the image's original size."""
-    h, w = mask.shape
-    return {
-        "id": rid,
-        "from_name": from_name,
-        "to_name": to_name,
-        "type": "bitmasklabels",
-        "original_width": int(w),
-        "original_height": int(h),
-        "image_rotation": 0,
-        "value": {"imageDataURL": mask_to_data_url(mask), "bitmasklabels": [label]},
-        "score": float(score),
-        "readonly": False,
-    }
+    value = {"imageDataURL": mask_to_data_url(mask), "bitmasklabels": [label]}
+    return mask_region(
+        "bitmasklabels", mask.shape, value, from_name=from_name, to_name=to_name, score=score, rid=rid
+    )

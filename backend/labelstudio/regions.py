@@ -95,16 +95,33 @@ def brush_region(
     mask: np.ndarray, *, from_name: str, to_name: str, label: str, score: float, rid: str
 ) -> dict[str, Any]:
     """One BrushLabels region for a bool HxW mask at the image's original size."""
-    h, w = mask.shape
+    value = {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}
+    return mask_region(
+        "brushlabels", mask.shape, value, from_name=from_name, to_name=to_name, score=score, rid=rid
+    )
+
+
+def mask_region(
+    kind: str,
+    shape: tuple[int, ...],
+    value: dict[str, Any],
+    *,
+    from_name: str,
+    to_name: str,
+    score: float,
+    rid: str,
+) -> dict[str, Any]:
+    """A region of control type ``kind`` holding a whole-image mask ``value`` of an HxW image ``shape``."""
+    h, w = shape[:2]
     return {
         "id": rid,
         "from_name": from_name,
         "to_name": to_name,
-        "type": "brushlabels",
+        "type": kind,
         "original_width": int(w),
         "original_height": int(h),
         "image_rotation": 0,
-        "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
+        "value": value,
         "score": float(score),
         "readonly": False,
     }

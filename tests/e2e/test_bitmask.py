@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -168,17 +167,13 @@ def test_bitmask_predictions_and_corrections_through_label_studio(
 def test_label_studio_editor_draws_a_bitmask_prediction_in_place(label_studio: Any, e2e: Any) -> None:
     """Label Studio's own page (headless Chromium) opens a task whose prediction is one of this backend's
     BitmaskLabels regions and draws the mask over exactly the image pixels it covers."""
-    import shutil
 
     from backend.labelstudio.bitmask import bitmask_region
 
     webdriver = pytest.importorskip("selenium.webdriver")
-    browser, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
-    if not browser or not driver_bin:
-        reason = "chromium and chromedriver are not installed: run `make browser`"
-        if os.environ.get("COSOD_TEST_BROWSER") == "required":  # CI: a missing browser is a failure
-            pytest.fail(reason)
-        pytest.skip(reason)
+    from browser import require_chromium
+
+    browser, driver_bin = require_chromium()
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from skimage import measure
