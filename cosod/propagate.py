@@ -181,7 +181,7 @@ def propagate(
     if protos.foreground is None or not targets:
         result.timings = {"total": time.perf_counter() - t0}
         return result
-    tokens = feats.tokens[targets]
+    tokens = feats.tokens[targets].float()  # a float16 cache: refinement scores in float32
     grid_maps = prototype_maps(tokens, protos)
     maps = ModelMaps(upsample(grid_maps, pipeline.config.input_size), tokens, grid_maps, targets)
     t1 = time.perf_counter()
