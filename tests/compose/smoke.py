@@ -89,7 +89,8 @@ def wait_until(what: str, check: Any, timeout: float, every: float = 1.0) -> Any
 
 
 # -- docker ----------------------------------------------------------------------------------------------
-APT_TOOLS = {"docker": "docker.io", "docker-compose": "docker-compose", "debootstrap": "debootstrap"}
+# the daemon is what decides: a machine can have a docker client alone (e.g. /usr/local/bin/docker)
+APT_TOOLS = {"dockerd": "docker.io", "docker-compose": "docker-compose", "debootstrap": "debootstrap"}
 
 
 def ensure_tools() -> None:
