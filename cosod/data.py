@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,6 +170,28 @@ def _place(rng: np.random.Generator, unit: np.ndarray, frac: float, size: tuple[
     return poly + np.array([cx, cy])
 
 
+def _place_free(
+    rng: np.random.Generator, unit: np.ndarray, frac: float, keep_out: np.ndarray
+) -> np.ndarray | None:
+    """A rotated copy of ``unit`` covering about ``frac`` of the image (less, by 5% steps, where that does
+    not fit), centred at a random point where its circumscribed circle stays inside the image and off
+    ``keep_out``; None where not even a tenth of ``frac`` fits."""
+    h, w = keep_out.shape
+    angle = rng.uniform(0, 2 * np.pi)
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    poly = unit @ rot.T
+    yy, xx = np.mgrid[0:h, 0:w]
+    room = np.minimum.reduce([ndimage.distance_transform_edt(~keep_out), yy, xx, h - 1 - yy, w - 1 - xx])
+    for step in range(45):  # 0.95 ** 45 ~ 0.1
+        scaled = poly * np.sqrt(frac * 0.95**step * h * w / _polygon_area(unit))
+        radius = float(np.linalg.norm(scaled, axis=1).max())
+        spots = np.argwhere(room > radius + 1)
+        if len(spots):
+            cy, cx = spots[int(rng.integers(len(spots)))]
+            return scaled + np.array([cx, cy], dtype=float)
+    return None
+
+
 def _rasterise(poly: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return polygon2mask(size, poly[:, ::-1])  # polygon2mask wants (row, col)
 
@@ -222,8 +245,25 @@ def _check_size(size: object) -> tuple[int, int]:
     return _check_int("size[0] (H)", size[0], 32), _check_int("size[1] (W)", size[1], 32)
 
 
+def _check_indices(name: str, value: Iterable[int], n: int) -> frozenset[int]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(f"{name} must be a sequence of image indices, got {value!r}")
+    out = set()
+    for i in value:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < n:
+            raise ValueError(f"{name}: {i!r} is not an image index of a group of {n}")
+        out.add(int(i))
+    return frozenset(out)
+
+
 def synthetic_group(
-    n_images: int, *, size: tuple[int, int] = (96, 128), seed: int = 0, n_distractors: int = 2
+    n_images: int,
+    *,
+    size: tuple[int, int] = (96, 128),
+    seed: int = 0,
+    n_distractors: int = 2,
+    absent: Iterable[int] = (),
+    recurring: Iterable[int] = (),
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """A group of ``n_images`` images sharing one common object, with its masks.
 
@@ -234,6 +274,13 @@ def synthetic_group(
     never touching the common object, on a noisy low-saturation cluttered background. The common object and
     the distractors are drawn without noise.
 
+    ``absent``: indices of images drawn without the common object (their mask is all False).
+    ``recurring``: indices of images that also hold one *recurring distractor*: the same shape kind (not the
+    object's) with the same two-colour stripes in a saturated hue far from the object's, fully saturated,
+    25-35% of the image area where that fits beside the object, else the largest size that does (in
+    practice 4-20%), never touching it. Both are drawn from a random stream of
+    their own, so the images of a seed are unchanged where neither applies.
+
     Returns ``(images, masks)``: lists of ``HxWx3 uint8`` RGB images and ``HxW bool`` masks marking exactly
     the common object's pixels. Deterministic for a ``seed`` (an int >= 0); different seeds give different
     common objects (seeds less than 5 apart always differ in shape kind).
@@ -242,7 +289,10 @@ def synthetic_group(
     n_distractors = _check_int("n_distractors", n_distractors, 0)
     h, w = _check_size(size)
     seed = _check_int("seed", seed, 0)
+    absent_set = _check_indices("absent", absent, n_images)
+    recurring_set = _check_indices("recurring", recurring, n_images)
     rng = np.random.default_rng(seed)
+    rng_r = np.random.default_rng((seed, 1))  # the recurring distractor's own stream
     # kind and hue step through the seeds so that nearby seeds (as make_synthetic_dataset uses) never share
     # both: the kind cycles with period 5 and the hue moves by the golden ratio conjugate.
     kind = SHAPE_KINDS[seed % len(SHAPE_KINDS)]
@@ -251,8 +301,12 @@ def synthetic_group(
     colours = (_hsv(hue, 0.9, 0.95), _hsv(hue, 0.9, 0.45))
     period, stripe_angle = float(rng.uniform(3.0, 6.0)), float(rng.uniform(0, np.pi))
     other_kinds = [k for k in SHAPE_KINDS if k != kind]
+    r_unit = _unit_shape(str(rng_r.choice(other_kinds)), float(rng_r.uniform(0.6, 0.9)))
+    r_hue = _hue_far(rng_r, hue, 0.3)
+    r_colours = (_hsv(r_hue, 1.0, 1.0), _hsv((r_hue + 0.5) % 1.0, 1.0, 0.9))
+    r_period, r_angle = float(rng_r.uniform(3.0, 6.0)), float(rng_r.uniform(0, np.pi))
     images, masks = [], []
-    for _ in range(n_images):
+    for index in range(n_images):
         img = _background(rng, (h, w))
         poly = _place(rng, _unit_shape(kind, aspect), rng.uniform(0.15, 0.30), (h, w))
         mask = _rasterise(poly, (h, w))
@@ -276,6 +330,17 @@ def synthetic_group(
             img[d_mask] = d_col
             if striped:
                 img[d_mask & _stripes((h, w), d_poly.mean(axis=0), d_period, d_angle)] = d_col2
+        if index in recurring_set:
+            r_poly = _place_free(rng_r, r_unit, float(rng_r.uniform(0.25, 0.35)), keep_out)
+            if r_poly is None:
+                log.debug("no room for the recurring distractor next to the common object; leaving it out")
+            else:
+                r_mask = _rasterise(r_poly, (h, w)) & ~keep_out
+                r_stripes = _stripes((h, w), r_poly.mean(axis=0), r_period, r_angle)
+                img[r_mask & r_stripes] = r_colours[0]
+                img[r_mask & ~r_stripes] = r_colours[1]
+        if index in absent_set:
+            mask = np.zeros((h, w), dtype=bool)
         stripes = _stripes((h, w), poly.mean(axis=0), period, stripe_angle)
         img[mask & stripes] = colours[0]
         img[mask & ~stripes] = colours[1]

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .absence import ABSENCE_Z, AbsenceDecision, decide_from_regions
 from .backbones import DEFAULT_BACKBONE, Backbone, BackboneFeatures, build_backbone
 from .densecrf import default_workers, prestart
 from .features import FeatureCache, check_precision, encode_images, image_hash
@@ -85,6 +86,10 @@ class PipelineConfig:
     refine_fallback: str = "official"  # "best": no positive component score -> keep only the best one
     crf_aspect: str = "squash"  # "keep": CRF at the image's aspect ratio instead of a 224x224 squash
     crf_uniform: str = "official"  # "keep": an all-foreground CRF result stays (official: written empty)
+    # Opt-in, not part of either method: images judged without the group's object get no mask
+    # (cosod.absence). Off: not hashed into version_id, so the default version is unchanged.
+    absence: bool = False
+    absence_z: float = ABSENCE_Z
 
     def __post_init__(self) -> None:
         get_method(self.model)  # UnknownMethodError (a ValueError) naming the known models
@@ -96,6 +101,8 @@ class PipelineConfig:
             raise ValueError(f"max_refs must be at least 2, got {self.max_refs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not self.absence_z > 0:
+            raise ValueError(f"absence_z must be > 0, got {self.absence_z}")
         check_precision(self.feature_precision)
         for name, value, allowed in (
             ("refine_fallback", self.refine_fallback, REFINE_FALLBACKS),
@@ -123,6 +130,7 @@ class GroupPrediction:
     thresholds: list[float] = field(default_factory=list)
     references: list[int] = field(default_factory=list)
     regions: list[RegionDecision | None] = field(default_factory=list)
+    absence: AbsenceDecision | None = None  # with PipelineConfig.absence: the decision and its evidence
 
     def __len__(self) -> int:
         return len(self.masks)
@@ -232,6 +240,9 @@ class Pipeline:
         cfg = asdict(self.config)
         for volatile in ("batch_size", "stage1_checkpoint", "ums_checkpoint"):
             cfg.pop(volatile)  # the weights themselves are hashed below
+        if not self.config.absence:  # an opt-in added later: off, the version stays what it was
+            cfg.pop("absence")
+            cfg.pop("absence_z")
         h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
         for backbone in self.backbones:
             h.update(backbone.id.encode())
@@ -320,9 +331,22 @@ class Pipeline:
         pred.timings["total"] = time.perf_counter() - t0
         return pred
 
-    def masks_from_maps(self, images: Sequence[np.ndarray], maps: ModelMaps) -> GroupPrediction:
-        """RRBE: adaptive threshold, region refinement and CRF of a model's maps (shared by both models)."""
+    def masks_from_maps(
+        self,
+        images: Sequence[np.ndarray],
+        maps: ModelMaps,
+        *,
+        prototype: torch.Tensor | None = None,
+        absence: bool | None = None,
+    ) -> GroupPrediction:
+        """RRBE: adaptive threshold, region refinement and CRF of a model's maps (shared by both models).
+
+        ``prototype`` (C,): the group prototype the regions are scored against, in the space of
+        ``maps.proto_tokens`` (None: F_G from the thresholded maps, the official way; propagation passes the
+        corrections' foreground prototype). ``absence``: run the absence decision (:mod:`cosod.absence`;
+        None: ``config.absence``); an image judged without the object gets an empty mask (score 0)."""
         cfg = self.config
+        judge = cfg.absence if absence is None else absence
         t0 = time.perf_counter()
         work = maps.work
         grid = (int(maps.proto_tokens.shape[1]), int(maps.proto_tokens.shape[2]))
@@ -335,22 +359,31 @@ class Pipeline:
             th = map_thresholds(work, th0=cfg.th0, alpha_c=cfg.alpha_c, bm_bar=self.bm_bar)
         binary_work = (work >= th[:, None, None]).numpy()
         regions: list[RegionDecision | None] = [None] * len(images)
-        if cfg.refine:
-            if maps.grid_maps is not None:
-                grid_masks = maps.grid_maps >= th[:, None, None]
+        if cfg.refine or judge:
+            if prototype is not None:
+                proto = prototype
             else:
-                grid_masks = torch.from_numpy(
-                    np.stack([component_grid_masks(b.astype(np.int64), 1, grid)[0] for b in binary_work])
-                )
-            proto = group_prototype(maps.proto_tokens, grid_masks)
+                if maps.grid_maps is not None:
+                    grid_masks = maps.grid_maps >= th[:, None, None]
+                else:
+                    grid_masks = torch.from_numpy(
+                        np.stack([component_grid_masks(b.astype(np.int64), 1, grid)[0] for b in binary_work])
+                    )
+                proto = group_prototype(maps.proto_tokens, grid_masks)
             for i in range(len(images)):
-                binary_work[i], regions[i] = refine_regions(
+                refined, regions[i] = refine_regions(
                     binary_work[i],
                     maps.proto_tokens[i],
                     proto,
                     box_sim=cfg.box_sim,
                     fallback=cfg.refine_fallback,
                 )
+                if cfg.refine:
+                    binary_work[i] = refined
+        decision = decide_from_regions(regions, z_threshold=cfg.absence_z) if judge else None
+        if decision is not None:
+            for i in decision.absent:
+                binary_work[i] = False
         t1 = time.perf_counter()
         final: list[np.ndarray] = list(binary_work)
         if cfg.crf:
@@ -380,6 +413,7 @@ class Pipeline:
             timings={"refine": t1 - t0, "crf": t2 - t1, "resize": time.perf_counter() - t2},
             thresholds=[float(t) for t in th],
             regions=regions,
+            absence=decision,
         )
 
 

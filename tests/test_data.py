@@ -162,6 +162,31 @@ def test_different_seeds_give_different_common_objects() -> None:
     assert len(set(colour_sets)) == 5
 
 
+def test_absent_images_and_a_recurring_distractor() -> None:
+    plain_images, plain_masks = synthetic_group(6, seed=4)
+    images, masks = synthetic_group(6, seed=4, absent=[1, 4], recurring=[0, 1, 2])
+    common = _colours(plain_images[0], plain_masks[0])
+    for i in (3, 5):  # neither absent nor recurring: the same image as without the options
+        np.testing.assert_array_equal(images[i], plain_images[i])
+        np.testing.assert_array_equal(masks[i], plain_masks[i])
+    for i in (1, 4):  # absent: an empty mask and none of the object's colours anywhere
+        assert not masks[i].any()
+        pixels = images[i].reshape(-1, 3)
+        for colour in common:
+            assert not np.all(pixels == np.array(colour, np.uint8), axis=1).any()
+    recurring_colours = None
+    for i in (0, 1, 2):  # the same saturated two-colour distractor, new pixels, off the object
+        changed = np.any(images[i] != plain_images[i], axis=2) & ~plain_masks[i]
+        assert changed.mean() > 0.03
+        ring = ndimage.binary_dilation(masks[i], iterations=2) & ~masks[i]
+        assert not (changed & ring).any()
+        colours = {tuple(int(v) for v in c) for c in np.unique(images[i][changed], axis=0)}
+        colours = {c for c in colours if max(c) - min(c) > 200}  # the fully saturated stripes
+        assert len(colours) == 2
+        recurring_colours = recurring_colours or colours
+        assert colours == recurring_colours
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -170,6 +195,8 @@ def test_different_seeds_give_different_common_objects() -> None:
         ({"n_images": 2, "size": 64}, "size must be"),
         ({"n_images": 2, "n_distractors": -1}, "n_distractors must be an int >= 0, got -1"),
         ({"n_images": 2, "seed": 1.5}, "seed must be an int >= 0, got 1.5"),
+        ({"n_images": 2, "absent": [2]}, "absent: 2 is not an image index of a group of 2"),
+        ({"n_images": 2, "recurring": "01"}, "recurring must be a sequence of image indices"),
     ],
 )
 def test_synthetic_group_validates(kwargs: dict, match: str) -> None:

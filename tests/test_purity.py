@@ -8,6 +8,7 @@ import sys
 import cosod, cosod.backbones, cosod.features, cosod.scosparc, cosod.refine, cosod.pipeline, cosod.train
 import cosod.cli, cosod.data, cosod.metrics, cosod.imageio, cosod.discovery, cosod.pseudo_labels
 import cosod.ums.net, cosod.ums.checkpoint
+import cosod.propagate, cosod.absence
 banned = [m for m in sys.modules if m.split('.')[0] in {'flask', 'rq', 'redis', 'label_studio_sdk', 'backend',
                                                          'gunicorn', 'werkzeug'}]
 assert not banned, banned
