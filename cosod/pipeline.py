@@ -313,10 +313,15 @@ class Pipeline:
         return self.head_maps(feats, digests), t1 - t0
 
     def predict_group(
-        self, images: Sequence[np.ndarray], *, hashes: Sequence[str] | None = None
+        self,
+        images: Sequence[np.ndarray],
+        *,
+        hashes: Sequence[str] | None = None,
+        absence: bool | None = None,
     ) -> GroupPrediction:
         """Masks for a group. images: list of HxWx3 uint8 RGB arrays, any sizes; hashes: their
-        :func:`~cosod.features.image_hash` values if already known."""
+        :func:`~cosod.features.image_hash` values if already known; absence: run the absence decision
+        (None: ``config.absence``; see :meth:`masks_from_maps`)."""
         _check_images(images)
         if not images:
             return GroupPrediction(mode="empty")
@@ -324,7 +329,7 @@ class Pipeline:
         digests = list(hashes) if hashes is not None else [image_hash(im) for im in images]
         maps, encode_seconds = self.model_maps(images, digests)
         t1 = time.perf_counter()
-        pred = self.masks_from_maps(images, maps)
+        pred = self.masks_from_maps(images, maps, absence=absence)
         pred.references = maps.references
         pred.mode = "single" if len(images) == 1 else "group"
         pred.timings = {"backbone": encode_seconds, "stage1": t1 - t0 - encode_seconds, **pred.timings}

@@ -13,6 +13,7 @@ import torch
 
 from cosod.absence import ABSENCE_Z, AbsenceDecision, best_region_similarity, decide_absence
 from cosod.backbones import BackboneFeatures
+from cosod.data import synthetic_group
 from cosod.pipeline import Pipeline, PipelineConfig
 from cosod.propagate import correction_prototypes, propagate, prototype_maps
 from cosod.refine import RegionDecision
@@ -234,3 +235,12 @@ def test_the_absence_option_is_off_by_default_and_versioned_only_when_on():
     assert on.version_id != base.version_id
     with pytest.raises(ValueError, match="absence_z"):
         PipelineConfig(absence_z=0.0)
+
+
+def test_predict_group_runs_the_decision_when_asked(fast):
+    images, masks = synthetic_group(5, size=(48, 64), seed=3)
+    assert fast.predict_group(images).absence is None
+    pred = fast.predict_group(images, absence=True)
+    assert pred.absence is not None and len(pred.absence) == 5
+    for i in pred.absence.absent:
+        assert not pred.masks[i].any() and pred.scores[i] == 0.0
