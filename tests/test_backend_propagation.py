@@ -106,7 +106,23 @@ class FakeLS:
         known = {t.id for t in self.tasks}
         return {i: i in self.annotated for i in ids if i in known}
 
+    def task_predictions(self, project_id: int, ids: Any, version: str) -> dict[int, Any]:
+        """Task 5's predictions are "not listed": the job asks for them on their own."""
+        self.count("states")
+        known = {t.id for t in self.tasks}
+        return {
+            i: lspred.TaskPredictions(
+                i in self.annotated, None if i == 5 else tuple(self.of_version(i, version))
+            )
+            for i in ids
+            if i in known
+        }
+
     def version_predictions(self, task_id: int, version: str) -> list[int]:
+        self.count("versions")
+        return self.of_version(task_id, version)
+
+    def of_version(self, task_id: int, version: str) -> list[int]:
         return [p["id"] for p in self.preds.get(task_id, []) if p["model_version"] == version]
 
     def update_prediction(self, pred_id: int, task_id: int, result: Any, score: float) -> None:
@@ -130,7 +146,7 @@ def env(tiny_pipeline, tmp_path, monkeypatch):
         version = model.serving(project, timeout=60)[1]
         ls = FakeLS(version)
         install_context(JobContext(s, model.loader, ls, model))  # type: ignore[arg-type]
-        for name in ("annotated_tasks", "version_predictions", "update_prediction"):
+        for name in ("annotated_tasks", "task_predictions", "version_predictions", "update_prediction"):
             monkeypatch.setattr(lspred, name, lambda _ls, *a, _n=name: getattr(ls, _n)(*a))
         return model, ls, s, version
 
@@ -199,10 +215,12 @@ def test_one_correction_updates_the_other_tasks_of_its_group_in_place(env, tiny_
     r = done.result
     assert r["status"] == "propagated" and r["corrected_tasks"] == [1] and r["model_version"] == version
     assert r["updated"] == [3, 4, 5] and r["created"] == [6] and r["failed"] == []
+    # one listing with the predictions before the push; only task 5 (not listed) asked on its own
+    assert ls.calls["states"] == 1 and ls.calls["versions"] == 1 and ls.calls["update"] == 3
     # exactly one prediction of the version per task; the older version, the corrected and annotated
     # tasks and the other group are as they were
     for t in (1, 2, 3, 4, 5, 6, 11, 12, 13):
-        assert len(ls.version_predictions(t, version)) == 1, t
+        assert len(ls.of_version(t, version)) == 1, t
     assert [p for p in ls.preds[3] if p["model_version"] == OLD][0]["result"] == [{"old": True}]
     for t in (1, 2, 11, 12, 13):
         assert ls.preds[t][0]["updates"] == 0 and ls.preds[t][0]["result"] == []

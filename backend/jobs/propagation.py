@@ -57,7 +57,7 @@ from .context import JobContext, context, project_state, retrying
 
 log = logging.getLogger(__name__)
 MAX_ROUNDS = 3  # computations of one job when corrections keep arriving while it computes
-THREADS = 4  # concurrent Label Studio requests (image reads, prediction updates)
+THREADS = 8  # concurrent Label Studio requests (image reads, prediction updates)
 
 
 def propagation_job_id(project_id: int, key: GroupKey) -> str:
@@ -153,7 +153,7 @@ def _propagate_group(ctx: JobContext, project_id: int, key: GroupKey, task_id: i
         failed = _read_images(ctx, project, [t for t in wanted if t.id not in images], images)
         timings["images"] = timings.get("images", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
-        masks = _propagate(ctx, pipeline, corrections, targets, images)
+        masks = _propagate(ctx, pipeline, corrections, targets, images, timings)
         timings["propagate"] = timings.get("propagate", 0.0) + time.perf_counter() - t0
         if masks is None:
             return {
@@ -262,10 +262,12 @@ def _propagate(
     corrections: dict[int, Correction],
     targets: list[int],
     images: dict[int, np.ndarray],
+    timings: dict[str, float],
 ) -> dict[int, Outcome] | None:
     """Task id -> propagated outcome for the ``targets`` whose image was read; None when the corrections
     have no foreground. Groups larger than ``COSOD_MAX_GROUP_IMAGES`` go in chunks, each with every
-    corrected image."""
+    corrected image. Adds the seconds of the feature cache (``encode``) and of propagate's phases
+    (``prototype``, ``refine``, ``crf``, ``resize``) to ``timings``."""
     from cosod.features import image_hash
     from cosod.propagate import propagate
 
@@ -278,9 +280,13 @@ def _propagate(
     for start in range(0, max(1, len(todo)), step):
         ids = corrected + todo[start : start + step]
         imgs = [images[i] for i in ids]
+        t0 = time.perf_counter()
         feats = pipeline.encode(imgs, [image_hash(im) for im in imgs])
+        timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
         exemplars = {k: _mask_for(corrections[i], images[i]) for k, i in enumerate(corrected)}
         result = propagate(pipeline, feats, imgs, exemplars)
+        for phase in ("prototype", "refine", "crf", "resize"):
+            timings[phase] = timings.get(phase, 0.0) + result.timings.get(phase, 0.0)
         if not result.propagated and result.prototypes is not None and result.prototypes.foreground is None:
             return None
         for k in result.targets:
@@ -291,15 +297,16 @@ def _propagate(
 
 def _push(ctx: JobContext, project: Project, version: str, masks: dict[int, Outcome]) -> dict[str, Any]:
     """Update (or create) each target's prediction of ``version``, unless the task got an annotation
-    since; returns the task ids updated, created, annotated since, and the failures."""
+    since (asked again here, with the tasks' predictions, in one request per 50 tasks); returns the task
+    ids updated, created, annotated since, and the failures."""
     if not masks:
         return {"updated": [], "created": [], "annotated": [], "failed": []}
-    annotated = retrying(
+    states = retrying(
         ctx,
-        f"listing the annotations of {len(masks)} tasks in project {project.id}",
-        lambda: lspred.annotated_tasks(ctx.ls, project.id, list(masks)),
+        f"listing {len(masks)} tasks with their predictions in project {project.id}",
+        lambda: lspred.task_predictions(ctx.ls, project.id, list(masks), version),
     )
-    send = sorted(i for i in masks if annotated.get(i) is False)
+    send = sorted(i for i in masks if i in states and not states[i].annotated)
     skipped = sorted(set(masks) - set(send))
 
     def push(task_id: int) -> tuple[int, str, str | None]:
@@ -307,11 +314,13 @@ def _push(ctx: JobContext, project: Project, version: str, masks: dict[int, Outc
         result = ctx.model.regions(project.config, task_id, out)
         score = round(out.score, 4)
         try:
-            ids = retrying(
-                ctx,
-                f"listing the predictions of task {task_id}",
-                lambda: lspred.version_predictions(ctx.ls, task_id, version),
-            )
+            ids = states[task_id].predictions
+            if ids is None:
+                ids = retrying(
+                    ctx,
+                    f"listing the predictions of task {task_id}",
+                    lambda: tuple(lspred.version_predictions(ctx.ls, task_id, version)),
+                )
             if ids:
                 retrying(
                     ctx,

@@ -11,10 +11,23 @@ project in the same request, so the task is always sent along.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .client import NO_SDK_RETRY, LabelStudioClient, _sdk_error
+
+IDS_PER_STATE_REQUEST = 50  # tasks per Data Manager request that carries their predictions and annotations
+
+
+@dataclass(frozen=True)
+class TaskPredictions:
+    """Whether a task has an annotation, and the ids of its predictions of one version (None: not listed,
+    ask :func:`version_predictions`)."""
+
+    annotated: bool
+    predictions: tuple[int, ...] | None
 
 
 def annotated_tasks(ls: LabelStudioClient, project_id: int, task_ids: Iterable[int]) -> dict[int, bool]:
@@ -57,3 +70,55 @@ def update_prediction(
         raise _sdk_error(
             exc, f"updating prediction {prediction_id} of task {task_id}", ls.settings.label_studio_url
         ) from None
+
+
+def task_predictions(
+    ls: LabelStudioClient, project_id: int, task_ids: Iterable[int], model_version: str
+) -> dict[int, TaskPredictions]:
+    """For the tasks among ``task_ids`` that Label Studio lists in the project: whether each has an
+    annotation and the ids of its predictions of ``model_version``, from the Data Manager's task list with
+    ``fields=all`` (which carries each task's predictions, with their results), one request per
+    :data:`IDS_PER_STATE_REQUEST` ids: one request for a usual group instead of one per task."""
+    ids = sorted({int(i) for i in task_ids})
+    out: dict[int, TaskPredictions] = {}
+    for start in range(0, len(ids), IDS_PER_STATE_REQUEST):
+        chunk = ids[start : start + IDS_PER_STATE_REQUEST]
+        query = json.dumps({"selectedItems": {"all": False, "included": chunk}})
+        try:
+            listed = ls._list_tasks(
+                NO_SDK_RETRY,
+                project=project_id,
+                fields="all",
+                include="id,total_annotations,cancelled_annotations,predictions",
+                query=query,
+                page_size=len(chunk),
+            )
+        except Exception as exc:
+            raise _sdk_error(
+                exc,
+                f"listing {len(chunk)} tasks of project {project_id}",
+                ls.settings.label_studio_url,
+                project_id,
+            ) from None
+        for t in listed:
+            if t.id is None or int(t.id) not in chunk:
+                continue
+            preds = getattr(t, "predictions", None)
+            found: tuple[int, ...] | None = None
+            if isinstance(preds, list):
+                found = tuple(
+                    sorted(
+                        int(pid)
+                        for p in preds
+                        if _get(p, "model_version") == model_version and (pid := _get(p, "id")) is not None
+                    )
+                )
+            total = int(getattr(t, "total_annotations", 0) or 0) + int(
+                getattr(t, "cancelled_annotations", 0) or 0
+            )
+            out[int(t.id)] = TaskPredictions(total > 0, found)
+    return out
+
+
+def _get(item: Any, name: str) -> Any:
+    return item.get(name) if isinstance(item, dict) else getattr(item, name, None)

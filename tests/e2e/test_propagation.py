@@ -83,7 +83,7 @@ def test_a_correction_propagates_to_the_rest_of_its_group(label_studio, start_ba
     k_of = {t["id"]: int(t["data"]["image"].rsplit("_", 1)[1][:-4]) for t in tasks}
     red = sorted(t for t, g in task_group.items() if g == "red")
     blue = sorted(t for t, g in task_group.items() if g == "blue")
-    with start_backend(ls.url, e2e.TOKEN, tmp_path, COSOD_CRF_WORKERS="1") as backend:
+    with start_backend(ls.url, e2e.TOKEN, tmp_path, COSOD_CACHE_DIR=str(tmp_path / "features")) as backend:
         e2e.ls_api(ls, "POST", "/api/ml", json={"url": backend.url, "project": project, "title": "cosod"})
         e2e.ls_api(
             ls,
