@@ -136,7 +136,8 @@ def env(tiny_pipeline, tmp_path, monkeypatch):
     """(model, fake Label Studio, settings, version) with the job context installed and an empty queue."""
 
     def make(**settings: Any) -> tuple[Any, FakeLS, Settings, str]:
-        s = Settings(model_dir=str(tmp_path), backbone="tiny", job_backoff=0.0, **settings)
+        base = {"label_studio_url": "http://ls.invalid", "label_studio_api_key": "k", **settings}
+        s = Settings(model_dir=str(tmp_path), backbone="tiny", job_backoff=0.0, **base)
         with jobqueue._queues_lock:
             jobqueue._queues.clear()
         model = build_model(
@@ -310,6 +311,9 @@ def test_turned_off_per_project_or_by_default(env, tmp_path) -> None:
     info = model.fit("ANNOTATION_CREATED", event(ls, 3, truth(0, 2)))
     assert info["propagation_job"] == propagation_job_id(PID, GroupKey("field:group", "a"))
     assert wait_done(s, info["propagation_job"]).result["corrected_tasks"] == [1, 2, 3]  # same MODEL_DIR
+    model, ls, s, _ = env(label_studio_url=None)  # nowhere to write predictions: no job
+    info = model.fit("ANNOTATION_CREATED", event(ls, 4, truth(0, 3)))
+    assert info["propagation_job"] is None and "LABEL_STUDIO_URL" in info["propagation"]
     assert Settings.from_env({"COSOD_PROPAGATE": "0"}).propagate is False
     assert Settings.from_env({}).propagate is True
 

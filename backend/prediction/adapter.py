@@ -192,6 +192,8 @@ class CoSODModel:
             why = "off for this project (extra params 'propagate', COSOD_PROPAGATE)"
         elif self.schedule_propagation is None:
             why = "this process queues no jobs"
+        elif not self.ls.configured:
+            why = "Label Studio is not configured (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)"
         if why is not None:
             return {"propagation_job": None, "propagation": f"not propagated: {why}"}
         key = group_key(payload["task"]["data"], project.group_by, project.config.image_key)
