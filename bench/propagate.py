@@ -1,6 +1,6 @@
 """Propagation of corrections within a group (cosod.propagate): mask quality, absence decision, speed.
 
-    python bench/propagate.py                                   # tiny and ViT-S/8, about 3-5 min on 2 CPUs
+    python bench/propagate.py                                   # tiny and ViT-S/8, 4-6 min on 2 busy CPUs
     python bench/propagate.py --backbones tiny --quality-groups 3 --timing-groups 8 16   # a quick run
 
 Quality, per backbone: ``--quality-groups`` synthetic groups (``cosod.data.synthetic_group``) of ``--images``
@@ -19,7 +19,8 @@ Studio calls are not part of it.
 No pretrained weights here: the tiny backbone is random by design and ViT-S/8 ("vit_small_patch8_224.dino")
 is built with RANDOM weights of the real architecture when its file is absent (see bench/common.py). The
 timings are those of the real networks; the IoU figures are those of random-weight features (colour and
-texture statistics), not of DINO. The stage-1 head is the training-free identity variant (no checkpoint).
+texture statistics), not of DINO; ``--seed`` fixes those random weights, so a run repeats its figures.
+The stage-1 head is the training-free identity variant (no checkpoint).
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def report_backbone(pipe: Pipeline, name: str, note: str, args: argparse.Namespa
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbones", nargs="+", default=["tiny", "vit_small_patch8_224.dino"])
-    p.add_argument("--quality-groups", type=int, default=6, help="synthetic groups for IoU (0: skip)")
+    p.add_argument("--quality-groups", type=int, default=5, help="synthetic groups for IoU (0: skip)")
     p.add_argument("--images", type=int, default=12, help="images per quality group")
     p.add_argument("--absent", type=int, default=2, help="images without the object per quality group")
     p.add_argument("--image-size", nargs=2, type=int, default=[96, 128], metavar=("H", "W"))
@@ -176,11 +177,13 @@ def main() -> None:
     p.add_argument("--timing-size", nargs=2, type=int, default=[384, 512], metavar=("H", "W"))
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--crf-workers", type=int, default=None, help="default: the CPUs, at most 8")
+    p.add_argument("--seed", type=int, default=0, help="torch seed of the random weights of a missing file")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args()
     if args.images < K_MAX + 2:
         p.error(f"--images must be at least {K_MAX + 2}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, input 224")
+    torch.manual_seed(args.seed)  # the random weights written for a missing file: the same every run
     report = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:

@@ -83,6 +83,12 @@ class Propagation:
         """The absence decision over the targets (in ``targets`` order), when it ran."""
         return None if self.prediction is None else self.prediction.absence
 
+    @property
+    def absent(self) -> list[int]:
+        """Group indices of the targets judged without the object (empty when the decision did not run)."""
+        decision = self.absence
+        return [] if decision is None else [self.targets[j] for j in decision.absent]
+
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1, eps=1e-12)
@@ -181,7 +187,7 @@ def propagate(
     if protos.foreground is None or not targets:
         result.timings = {"total": time.perf_counter() - t0}
         return result
-    tokens = feats.tokens[targets]
+    tokens = feats.tokens[targets].float()  # a float16 cache: refinement scores in float32
     grid_maps = prototype_maps(tokens, protos)
     maps = ModelMaps(upsample(grid_maps, pipeline.config.input_size), tokens, grid_maps, targets)
     t1 = time.perf_counter()

@@ -220,10 +220,11 @@ def test_propagation_flags_planted_absent_images(fast):
     out = propagate(fast, feats, images, {0: obj[0]}, absence=True)
     assert out.absence is not None
     flagged = [out.targets[k] for k in out.absence.absent]
-    assert flagged == [4, 8]
+    assert flagged == [4, 8] and out.absent == [4, 8]
     assert not out.masks[4].any() and not out.masks[8].any()
     assert all(iou(out.masks[i], obj[i]) > 0.8 for i in out.targets if i not in (4, 8))
-    assert propagate(fast, feats, images, {0: obj[0]}).absence is None  # off unless asked
+    off = propagate(fast, feats, images, {0: obj[0]})  # off unless asked
+    assert off.absence is None and off.absent == []
 
 
 def test_the_absence_option_is_off_by_default_and_versioned_only_when_on():
