@@ -149,7 +149,8 @@ def _propagate_group(ctx: JobContext, project_id: int, key: GroupKey, task_id: i
             lambda: lspred.annotated_tasks(ctx.ls, project_id, [t.id for t in group]),
         )
         targets = [t.id for t in group if annotated.get(t.id) is False and t.id not in corrections]
-        wanted = [t for t in group if t.id in corrections or t.id in set(targets)]
+        todo = set(targets)
+        wanted = [t for t in group if t.id in corrections or t.id in todo]
         failed = _read_images(ctx, project, [t for t in wanted if t.id not in images], images)
         timings["images"] = timings.get("images", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -188,7 +189,7 @@ def _propagate_group(ctx: JobContext, project_id: int, key: GroupKey, task_id: i
     )
     return {
         **out,
-        "status": "propagated" if done else "busy",
+        "status": "propagated" if done else "busy",  # busy: corrections kept coming; the follow-up runs
         "targets": len(done.get("updated", [])) + len(done.get("created", [])),
         "updated": done.get("updated", []),
         "created": done.get("created", []),
