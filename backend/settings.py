@@ -55,6 +55,9 @@ Environment variables (primary name, then aliases) -> field, default:
 - COSOD_WORKERS_PER_GPU -> workers_per_gpu, 1 / COSOD_GPU_POOL -> gpu_pool, default (one name per machine
   when workers of several machines share a Redis)
 - COSOD_TRAIN_EVERY -> train_every, 10: new corrections in a project before a fine-tune is enqueued
+- COSOD_PROPAGATE -> propagate, 1: a correction queues a job that re-predicts the other unannotated tasks of
+  its group from the group's corrections (backend/jobs/propagation.py); 0 turns it off (per project: extra
+  params {"propagate": false})
 - COSOD_PROMOTE_METRIC / COSOD_PROMOTE_MARGIN -> promote_metric, iou / promote_margin, 0.005: a candidate
   replaces the active version only if, over the held-out corrections, the lower bound of the one-sided 95 %
   paired-bootstrap interval of its mean per-image gain on the metric is above the margin (for mae and hce
@@ -236,6 +239,7 @@ class Settings(BaseSettings):
     workers_per_gpu: int = _env(1, "COSOD_WORKERS_PER_GPU", ge=1)
     gpu_pool: str = _env("default", "COSOD_GPU_POOL")
     train_every: int = _env(10, "COSOD_TRAIN_EVERY", ge=1)
+    propagate: bool = _env(True, "COSOD_PROPAGATE")
     promote_metric: PromoteMetric = _env("iou", "COSOD_PROMOTE_METRIC")
     promote_margin: float = _env(0.005, "COSOD_PROMOTE_MARGIN", ge=0)
     promote_min_heldout: int = _env(5, "COSOD_PROMOTE_MIN_HELDOUT", ge=1)

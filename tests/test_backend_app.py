@@ -492,6 +492,7 @@ def test_webhook_is_fast_and_counts_events(client) -> None:
     assert time.perf_counter() - t0 < 1.0
     assert r.status_code == 200 and r.json["status"] == "ok" and r.json["task"] == 5
     assert r.json["stored"] == "inserted"  # an empty result is stored as "no object in this image"
+    assert r.json["propagation_job"].startswith("propagate-p12-")  # queued, never computed here
     assert client.post("/webhook", json={"action": "PROJECT_CREATED"}).json["status"] == "ignored"
     assert client.post("/webhook", json={"annotation": {}}).status_code == 400
     text = client.get("/metrics").get_data(as_text=True)

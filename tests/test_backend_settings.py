@@ -57,6 +57,7 @@ TODAYS_DEFAULTS: dict[str, Any] = {
     "workers_per_gpu": 1,
     "gpu_pool": "default",
     "train_every": 10,
+    "propagate": True,
     "promote_metric": "iou",
     "promote_margin": 0.005,
     "promote_min_heldout": 5,

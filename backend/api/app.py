@@ -23,6 +23,7 @@ from werkzeug.exceptions import HTTPException
 from ..errors import BackendError, BadRequestError, quote, redact, redact_all
 from ..jobs.context import JobContext, install_context
 from ..jobs.finetuning import recover_finetunes, schedule_finetune
+from ..jobs.propagation import schedule_propagation
 from ..jobs.rqueue import count_alive
 from ..labelstudio.protocol import LEARNING_EVENTS, parse_id
 from ..metrics import CONTENT_TYPE, Metrics, VersionsCollector
@@ -92,7 +93,11 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
     _configure_logging(settings.log_level)
     metrics = Metrics()
     model = build_model(
-        settings, pipeline_factory, metrics, schedule_finetune=partial(schedule_finetune, settings)
+        settings,
+        pipeline_factory,
+        metrics,
+        schedule_finetune=partial(schedule_finetune, settings),
+        schedule_propagation=partial(schedule_propagation, settings),
     )
     loader, ls = model.loader, model.ls
     metrics.add_shared_collector(VersionsCollector(model.versions))

@@ -34,7 +34,7 @@ from ..labelstudio import regions as regions_lib
 from ..labelstudio.bitmask import bitmask_region
 from ..labelstudio.client import LabelStudioClient
 from ..labelstudio.labelconfig import LabelConfig
-from ..labelstudio.protocol import LEARNING_EVENTS, changes_membership, parse_id
+from ..labelstudio.protocol import ANNOTATION_EVENTS, LEARNING_EVENTS, changes_membership, parse_id
 from ..labelstudio.webhooks import WebhookAuthorizer, basic_authorization
 from ..learning.corrections import handle_event
 from ..learning.store import Store
@@ -66,9 +66,11 @@ class CoSODModel:
         metrics: Metrics,
         *,
         schedule_finetune: Callable[[int], Mapping[str, Any]] | None = None,
+        schedule_propagation: Callable[[int, GroupKey, int], Mapping[str, Any]] | None = None,
     ):
         self.settings = settings
         self.schedule_finetune = schedule_finetune
+        self.schedule_propagation = schedule_propagation
         self.loader = loader
         self.ls = ls
         self.metrics = metrics
@@ -145,11 +147,12 @@ class CoSODModel:
             log.info("webhook %s project=%s task=%s", event, pid, tid)
             return info
         known = self._known_project(pid)
+        tagged = self.similar.tag_event(known, data) if known else data
         try:
             out = handle_event(
                 self.store,
                 event,
-                self.similar.tag_event(known, data) if known else data,
+                tagged,
                 group_by=known.group_by if known else self.settings.group_by,
                 image_key=known.config.image_key if known else None,
                 train_every=self.settings.train_every,
@@ -172,8 +175,33 @@ class CoSODModel:
                 info["finetune_job"] = None
                 info["finetune_error"] = "not enqueued: the job queue is unreachable; the next event retries"
                 info["message"] = f"no fine-tune started: {info['finetune_error']}"
+        if known is not None and event in ANNOTATION_EVENTS:
+            info.update(self._propagation(known, tagged, out))
         log.info("webhook %s project=%s task=%s: %s", event, pid, tid, info)
         return info
+
+    def _propagation(
+        self, project: Project, payload: Mapping[str, Any], out: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Queue the propagation of a stored correction to the rest of its group
+        (:mod:`backend.jobs.propagation`); says the job, or why there is none."""
+        why = None
+        if out.get("stored") not in ("inserted", "updated"):
+            why = f"the correction is {out.get('stored')}"
+        elif not project.propagate:
+            why = "off for this project (extra params 'propagate', COSOD_PROPAGATE)"
+        elif self.schedule_propagation is None:
+            why = "this process queues no jobs"
+        elif not self.ls.configured:
+            why = "Label Studio is not configured (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)"
+        if why is not None:
+            return {"propagation_job": None, "propagation": f"not propagated: {why}"}
+        key = group_key(payload["task"]["data"], project.group_by, project.config.image_key)
+        try:
+            return dict(self.schedule_propagation(project.id, key, int(out["task"])))
+        except (JobQueueError, TransientJobError) as exc:  # the correction is stored; the next one retries
+            log.warning("project %s: propagation not queued: %s", project.id, exc)
+            return {"propagation_job": None, "propagation": "not propagated: the job queue is unreachable"}
 
     def _known_project(self, pid: Any) -> Project | None:
         if not isinstance(pid, int):

@@ -6,7 +6,8 @@ the latest ``/setup`` delivered, whichever worker received it.
 
 Extra params understood (JSON object in the ML connection's "Extra params"): ``group_by`` (any rule of
 :mod:`backend.grouping`, overriding ``COSOD_GROUP_BY``), ``label`` (which ``<Label>`` of the control to
-write) and ``model`` (``scosparc`` or ``ums``, overriding ``COSOD_MODEL``).
+write), ``model`` (``scosparc`` or ``ums``, overriding ``COSOD_MODEL``) and ``propagate`` (true or false,
+overriding ``COSOD_PROPAGATE``: whether a correction re-predicts the rest of its group).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Project:
     group_by: str
     extra_params: dict[str, Any] = field(default_factory=dict)
     model: str = "scosparc"
+    propagate: bool = True  # a correction queues the propagation job of its group (backend.jobs.propagation)
     stamp: tuple[int, int] | None = None  # (inode, mtime) of its file under MODEL_DIR, once loaded or saved
 
 
@@ -115,9 +117,12 @@ class ProjectRegistry:
         if model not in MODELS:
             raise BadRequestError(f"extra_params: model must be one of {MODELS}, got {quote(model)}")
         self._check_checkpoint(model)
+        propagate = extra.get("propagate", self.settings.propagate)
+        if not isinstance(propagate, bool):
+            raise BadRequestError(f"extra_params: propagate must be true or false, got {quote(propagate)}")
         label = extra.get("label")
         config = parse_label_config(label_config, label=str(label) if label is not None else None)
-        return Project(project_id, label_config, config, group_by, extra, model)
+        return Project(project_id, label_config, config, group_by, extra, model, propagate)
 
     def _check_checkpoint(self, model: str) -> None:
         """A model that cannot run without a checkpoint is refused (400 naming the variable to set) instead
