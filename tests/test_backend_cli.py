@@ -24,6 +24,10 @@ PID = 12
 
 @pytest.fixture
 def app(fake_ls: Any, tiny_pipeline: Any, tmp_path: Path) -> Any:
+    from backend.jobs import queue as jobqueue
+
+    with jobqueue._queues_lock:  # a fresh in-process queue: earlier modules' jobs (retrying) do not run first
+        jobqueue._queues.clear()
     settings = Settings(
         model_dir=str(tmp_path / "model_dir"),
         label_studio_url=fake_ls.url,
@@ -246,10 +250,11 @@ def test_cancel_says_what_it_did(server: str, env: Path, capsys: pytest.CaptureF
     q.enqueue(blocker, job_id="cli-cancel-running", **kw)
     q.enqueue(blocker, job_id="cli-cancel-queued", **kw)
     try:
-        for _ in range(200):
+        for _ in range(1500):
             if q.fetch("cli-cancel-running").status == "started":
                 break
             threading.Event().wait(0.02)
+        assert q.fetch("cli-cancel-running").status == "started"
         code, out, _ = run(capsys, "--backend", server, "cancel", "cli-cancel-queued")
         assert (code, out) == (0, "canceled job cli-cancel-queued (was queued)\n")
         code, out, _ = run(capsys, "--backend", server, "cancel", "cli-cancel-queued")
