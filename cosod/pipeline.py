@@ -343,19 +343,24 @@ class Pipeline:
         *,
         prototype: torch.Tensor | None = None,
         absence: bool | None = None,
+        thresholds: torch.Tensor | None = None,
     ) -> GroupPrediction:
         """RRBE: adaptive threshold, region refinement and CRF of a model's maps (shared by both models).
 
         ``prototype`` (C,): the group prototype the regions are scored against, in the space of
         ``maps.proto_tokens`` (None: F_G from the thresholded maps, the official way; propagation passes the
         corrections' foreground prototype). ``absence``: run the absence decision (:mod:`cosod.absence`;
-        None: ``config.absence``); an image judged without the object gets an empty mask (score 0)."""
+        None: ``config.absence``); an image judged without the object gets an empty mask (score 0).
+        ``thresholds`` (B,): the maps' thresholds (None: the adaptive threshold of ``config``, the official
+        way; propagation passes the decision boundary of its exemplars)."""
         cfg = self.config
         judge = cfg.absence if absence is None else absence
         t0 = time.perf_counter()
         work = maps.work
         grid = (int(maps.proto_tokens.shape[1]), int(maps.proto_tokens.shape[2]))
-        if self.threshold == "group":
+        if thresholds is not None:
+            th = torch.as_tensor(thresholds, dtype=work.dtype).reshape(len(images))
+        elif self.threshold == "group":
             th = torch.full(
                 (len(images),),
                 group_threshold(work, grid, th0=cfg.th0, alpha_c=cfg.alpha_c, bm_bar=self.bm_bar),

@@ -4,24 +4,34 @@ Input: a group's cached backbone features (:class:`~cosod.backbones.BackboneFeat
 :meth:`Pipeline.encode <cosod.pipeline.Pipeline.encode>` returns them; no backbone pass is made), its images
 and the corrected masks of some of its members. Output: masks and scores for the other members.
 
-    corrected masks -> token grid (foreground fraction per cell, as fine-tuning targets are made)
-        -> foreground prototype P_fg: mean of the L2-normalised tokens weighted by the fraction, over every
-           corrected image; background prototype P_bg: the same with weight 1 - fraction
-        -> per image and token: s = cos(t, P_fg) - cos(t, P_bg), min-max normalised per image to r in [0, 1]
-           and passed through stage 1's transfer sigmoid((r - 0.65) / 0.15) (so the maps have the range
-           and shape the adaptive threshold was calibrated on)
-        -> :meth:`Pipeline.masks_from_maps <cosod.pipeline.Pipeline.masks_from_maps>`: the pipeline's own
-           threshold, stage-2 region refinement with P_fg as the group prototype, dense CRF, output size.
+    corrected masks -> token grid: each cell's foreground fraction f in [0, 1] (as fine-tuning targets are
+        made); every token of every corrected image is an exemplar (its L2-normalised token) labelled f
+    -> map (default, ``maps="neighbours"``): per token t of an image to predict, the labels of its
+       ``k`` = 20 most similar exemplars (cosine), averaged with weights softmax(cos / tau), tau = 0.1:
+       p(t) = the foreground fraction of what t looks like in the corrections, in [0, 1]
+    -> threshold 0.5: the exemplars' own decision boundary (t is more like corrected foreground than corrected
+       background), instead of the adaptive threshold calibrated on stage-1 maps
+    -> :meth:`Pipeline.masks_from_maps <cosod.pipeline.Pipeline.masks_from_maps>`: stage-2 region refinement
+       with the corrections' foreground prototype P_fg (the f-weighted mean of the exemplars) as the group
+       prototype, dense CRF, output size; so a propagated mask is post-processed like an unprompted one.
 
-A propagated mask is therefore post-processed exactly like an unprompted one. More corrections add their
-tokens to both prototypes. A corrected mask that is all False says "this image has no common object": its
-tokens all enter the background prototype (so whatever it shows with the other images, a recurring
-distractor, is pushed out). With no corrected foreground at all there is nothing to propagate
+More corrections add exemplars: the map then covers more of the object's (and the background's) looks, which
+is why the masks improve with each correction (``bench/propagate.py``); the prototypes alone barely move once
+one correction is in. A corrected mask that is all False says "this image has no common object": all its
+tokens are background exemplars (so whatever it shows with the other images, a recurring distractor, is
+pushed out). With no corrected foreground at all there is nothing to propagate
 (:attr:`Propagation.propagated` is False and no mask is made).
 
-The prototypes live in the first backbone's token space (DINO), whatever the method: for UMS the region
-refinement scores these tokens, not the network's enriched features. The absence decision
-(:mod:`cosod.absence`) runs when the pipeline's ``config.absence`` is on, or when asked.
+``maps="prototype"`` keeps the first design, measured against it in the benchmark: ``s = cos(t, P_fg) -
+cos(t, P_bg)`` (P_bg: the (1 - f)-weighted mean), min-max normalised per image and passed through stage 1's
+transfer sigmoid((r - 0.65) / 0.15), then the pipeline's adaptive threshold. One mean vector per side cannot
+use what a second correction adds, and the per-image min-max stretches any image to a foreground.
+
+The exemplars live in the first backbone's token space (DINO), whatever the method: for UMS the region
+refinement scores these tokens, not the network's enriched features. At most :data:`MAX_EXEMPLARS` exemplars
+are used (evenly spaced over the corrected tokens), so memory stays bounded whatever the number of
+corrections. The absence decision (:mod:`cosod.absence`) runs when the pipeline's ``config.absence`` is on,
+or when asked.
 """
 
 from __future__ import annotations
@@ -41,6 +51,11 @@ from .methods.scosparc import mask_to_grid
 from .pipeline import GroupPrediction, Pipeline, _check_images
 from .refine import upsample
 from .scosparc import TEMPERATURE, THRESH
+
+NEIGHBOURS = 20  # exemplars each token is compared with
+NEIGHBOUR_TAU = 0.1  # softmax temperature over their cosines
+MAX_EXEMPLARS = 16384  # corrected tokens kept as exemplars (evenly spaced over them beyond this)
+MAP_KINDS = ("neighbours", "prototype")
 
 
 @dataclass
@@ -136,6 +151,53 @@ def prototype_maps(tokens: torch.Tensor, prototypes: Prototypes) -> torch.Tensor
     return torch.sigmoid((r - THRESH) / TEMPERATURE).float()
 
 
+def correction_exemplars(
+    tokens: torch.Tensor, corrections: Mapping[int, np.ndarray], *, limit: int = MAX_EXEMPLARS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The corrected images' tokens as labelled exemplars: ``(E, C)`` unit vectors and ``(E,)`` foreground
+    fractions in [0, 1], images in index order, cells in raster order; at most ``limit`` of them, evenly
+    spaced (deterministic) when there are more."""
+    grid = (int(tokens.shape[1]), int(tokens.shape[2]))
+    c = int(tokens.shape[-1])
+    vecs, labels = [], []
+    for i in sorted(corrections):
+        labels.append(mask_to_grid(np.asarray(corrections[i], dtype=bool), grid).clamp(0.0, 1.0).reshape(-1))
+        vecs.append(_unit(tokens[i]).reshape(-1, c))
+    if not vecs:
+        return torch.zeros(0, c), torch.zeros(0)
+    bank, lab = torch.cat(vecs), torch.cat(labels).float()
+    if len(bank) > limit:
+        keep = torch.linspace(0, len(bank) - 1, limit).round().long()
+        bank, lab = bank[keep], lab[keep]
+    return bank, lab
+
+
+def neighbour_maps(
+    tokens: torch.Tensor,
+    exemplars: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    k: int = NEIGHBOURS,
+    tau: float = NEIGHBOUR_TAU,
+) -> torch.Tensor:
+    """(B, h, w, C) tokens -> (B, h, w) float32 maps in [0, 1]: per token, the softmax(cos / tau)-weighted
+    mean label of its ``k`` most similar exemplars (:func:`correction_exemplars`). One image at a time, so
+    memory is (h * w) x E floats. Raises ValueError without exemplars or without a foreground label."""
+    if len(exemplars) == 0 or float(labels.max()) <= 0.0:
+        raise ValueError("no corrected foreground: nothing to propagate")
+    if k < 1 or tau <= 0:
+        raise ValueError(f"k must be >= 1 and tau > 0, got {k} and {tau}")
+    b, h, w, c = tokens.shape
+    kk = min(int(k), len(exemplars))
+    out = torch.empty(b, h, w)
+    for i in range(b):
+        sim = _unit(tokens[i]).reshape(-1, c) @ exemplars.T  # (h*w, E)
+        top, idx = sim.topk(kk, dim=1)
+        weights = torch.softmax(top / tau, dim=1)
+        out[i] = (weights * labels[idx]).sum(dim=1).reshape(h, w)
+    return out.clamp(0.0, 1.0).float()
+
+
 def _check_corrections(images: Sequence[np.ndarray], corrections: Mapping[int, np.ndarray]) -> None:
     n = len(images)
     for i, mask in corrections.items():
@@ -159,6 +221,7 @@ def propagate(
     *,
     targets: Sequence[int] | None = None,
     absence: bool | None = None,
+    maps: str = "neighbours",
 ) -> Propagation:
     """Masks for the images of a group from the corrected masks of some of them (module docstring).
 
@@ -167,11 +230,14 @@ def propagate(
         images in the order of ``images``. images: B HxWx3 uint8 RGB arrays (the CRF's input and the output
         sizes). corrections: index -> bool HxW mask at that image's size; all False = "no common object".
     targets: the indices to propagate to (default: every image without a correction, in order). absence:
-        run the absence decision over the targets (None: ``pipeline.config.absence``).
+        run the absence decision over the targets (None: ``pipeline.config.absence``). maps: "neighbours"
+        (the exemplars' labels and threshold 0.5) or "prototype" (the first design); module docstring.
 
     Raises ValueError naming a bad image, mask, index or feature shape.
     """
     t0 = time.perf_counter()
+    if maps not in MAP_KINDS:
+        raise ValueError(f"maps must be one of {', '.join(MAP_KINDS)}, got {maps!r}")
     _check_images(images)
     if len(feats) != len(images):
         raise ValueError(f"features of {len(feats)} images for a group of {len(images)}")
@@ -188,11 +254,21 @@ def propagate(
         result.timings = {"total": time.perf_counter() - t0}
         return result
     tokens = feats.tokens[targets].float()  # a float16 cache: refinement scores in float32
-    grid_maps = prototype_maps(tokens, protos)
-    maps = ModelMaps(upsample(grid_maps, pipeline.config.input_size), tokens, grid_maps, targets)
+    thresholds = None
+    if maps == "neighbours":
+        bank, labels = correction_exemplars(feats.tokens.float(), corrections)
+        grid_maps = neighbour_maps(tokens, bank, labels)
+        thresholds = torch.full((len(targets),), 0.5)
+    else:
+        grid_maps = prototype_maps(tokens, protos)
+    model_maps = ModelMaps(upsample(grid_maps, pipeline.config.input_size), tokens, grid_maps, targets)
     t1 = time.perf_counter()
     pred = pipeline.masks_from_maps(
-        [images[i] for i in targets], maps, prototype=protos.foreground, absence=absence
+        [images[i] for i in targets],
+        model_maps,
+        prototype=protos.foreground,
+        absence=absence,
+        thresholds=thresholds,
     )
     pred.mode = "propagated"
     result.prediction = pred

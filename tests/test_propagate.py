@@ -15,7 +15,13 @@ from cosod.absence import ABSENCE_Z, AbsenceDecision, best_region_similarity, de
 from cosod.backbones import BackboneFeatures
 from cosod.data import synthetic_group
 from cosod.pipeline import Pipeline, PipelineConfig
-from cosod.propagate import correction_prototypes, propagate, prototype_maps
+from cosod.propagate import (
+    correction_exemplars,
+    correction_prototypes,
+    neighbour_maps,
+    propagate,
+    prototype_maps,
+)
 from cosod.refine import RegionDecision
 
 GRID, CELL, C = 28, 4, 48
@@ -132,6 +138,77 @@ def test_prototypes_are_the_weighted_means_of_the_unit_tokens():
     maps = prototype_maps(tokens, p)
     assert maps.shape == (2, 2, 2) and maps.dtype == torch.float32
     assert float(maps[0, 0, 0]) == pytest.approx(float(torch.sigmoid(torch.tensor(0.35 / 0.15))), abs=1e-6)
+
+
+def two_looks(seed=5):
+    """A planted group whose object shows one look in the even images and another, orthogonal one in the odd
+    images (the front and the back of a product)."""
+    feats, images, obj, dis = planted(8, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    b = rng.standard_normal(C)
+    o = feats.tokens[0][torch.from_numpy(obj[0][::CELL, ::CELL])].mean(0).numpy()
+    for v in (o, feats.tokens[0][torch.from_numpy(dis[0][::CELL, ::CELL])].mean(0).numpy()):
+        b -= (b @ v) / (v @ v) * v
+    b *= 4.0 / np.linalg.norm(b)
+    for i in range(1, 8, 2):
+        cells = torch.from_numpy(obj[i][::CELL, ::CELL])
+        noise = 0.3 * torch.from_numpy(rng.standard_normal((int(cells.sum()), C))).float()
+        feats.tokens[i][cells] = torch.from_numpy(b).float() + noise
+    return feats, images, obj, dis
+
+
+def test_a_second_correction_adds_a_look_the_first_could_not_show(fast):
+    feats, images, obj, _ = two_looks()
+    one = propagate(fast, feats, images, {0: obj[0]}, targets=range(2, 8))
+    two = propagate(fast, feats, images, {0: obj[0], 1: obj[1]}, targets=range(2, 8))
+    for i in range(2, 8):
+        assert iou(two.masks[i], obj[i]) > 0.8, i
+        if i % 2 == 0:  # the look of the first correction: right from the start
+            assert iou(one.masks[i], obj[i]) > 0.8, i
+        else:  # the other look: found only once an image showing it is corrected
+            assert iou(one.masks[i], obj[i]) < 0.2, i
+    # the first design's single mean vector per side cannot tell: it stays behind on the second look
+    proto = propagate(fast, feats, images, {0: obj[0], 1: obj[1]}, targets=range(2, 8), maps="prototype")
+    assert np.mean([iou(two.masks[i], obj[i]) for i in range(3, 8, 2)]) >= np.mean(
+        [iou(proto.masks[i], obj[i]) for i in range(3, 8, 2)]
+    )
+
+
+def test_neighbour_maps_give_each_token_the_labels_of_what_it_looks_like():
+    tokens = torch.zeros(1, 2, 2, 3)
+    tokens[0, 0, 0] = torch.tensor([3.0, 0, 0])  # like the foreground exemplar
+    tokens[0, 0, 1] = torch.tensor([0, 0.5, 0])  # like the background one
+    tokens[0, 1, 0] = torch.tensor([1.0, 1.0, 0])  # half way: as like one as the other
+    tokens[0, 1, 1] = torch.tensor([0, 0, 1.0])  # like neither: equal weights
+    exemplars = torch.eye(3)[:2]
+    labels = torch.tensor([1.0, 0.0])
+    maps = neighbour_maps(tokens, exemplars, labels, k=2, tau=0.1)
+    e = float(torch.sigmoid(torch.tensor(10.0)))  # softmax of cosines (1, 0) / 0.1
+    torch.testing.assert_close(maps[0], torch.tensor([[e, 1 - e], [0.5, 0.5]]))
+    near = neighbour_maps(tokens, exemplars, labels, k=1)
+    torch.testing.assert_close(near[0], torch.tensor([[1.0, 0.0], [1.0, 1.0]]))  # ties go to the first
+    with pytest.raises(ValueError, match="no corrected foreground"):
+        neighbour_maps(tokens, exemplars, torch.zeros(2))
+
+
+def test_exemplars_are_bounded_and_labelled_by_the_foreground_fraction():
+    tokens = torch.randn(3, 4, 4, 5)
+    mask = np.zeros((8, 8), bool)
+    mask[:4, :4] = True  # the top-left 2x2 cells
+    bank, labels = correction_exemplars(tokens, {2: mask, 0: np.zeros((8, 8), bool)})
+    assert bank.shape == (32, 5) and labels.shape == (32,)
+    torch.testing.assert_close(bank.norm(dim=1), torch.ones(32))
+    assert labels[:16].sum() == 0 and labels[16:].sum() == 4  # image 0 first, then image 2
+    assert labels[16 + 0] == 1 and labels[16 + 5] == 1 and labels[16 + 2] == 0
+    small, small_labels = correction_exemplars(tokens, {2: mask, 0: np.zeros((8, 8), bool)}, limit=5)
+    assert small.shape == (5, 5) and len(small_labels) == 5
+    torch.testing.assert_close(small[0], bank[0]) and torch.testing.assert_close(small[-1], bank[-1])
+
+
+def test_an_unknown_map_kind_is_named(fast):
+    feats, images, obj, _ = planted(3)
+    with pytest.raises(ValueError, match="maps must be one of neighbours, prototype"):
+        propagate(fast, feats, images, {0: obj[0]}, maps="nearest")
 
 
 def test_an_empty_correction_counts_as_background(fast):
