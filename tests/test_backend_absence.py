@@ -85,9 +85,14 @@ def test_choice_found_by_value_alias_or_convention_on_the_image_only() -> None:
         ),
         (BRUSH_XML, "No common object", "it has no <Choices> on the image"),
         (ABSENCE_XML, "x" * 300, "absence_choice .* over the limit of 256"),
+        (
+            ABSENCE_XML.replace('name="absence"', f'name="{"n" * 300}"'),
+            None,
+            "<Choices name=...> .* over the",
+        ),
     ],
 )
-def test_a_named_choice_that_the_config_lacks_is_refused(config: str, name: str, message: str) -> None:
+def test_a_named_choice_that_the_config_lacks_is_refused(config: str, name: str | None, message: str) -> None:
     with pytest.raises(LabelConfigError, match=message):
         parse_label_config(config, absence_choice=name)
 
