@@ -194,6 +194,10 @@ def test_absent_images_get_the_choice_no_mask_and_score_zero(app, group) -> None
         else:
             assert [reg["type"] for reg in item["result"]] == ["brushlabels"], k
             assert item["score"] > 0.3 and iou(mask_of(item), obj[k]) > 0.8, k
+    metrics = client.application.extensions["cosod"]["model"].metrics
+    hits = metrics.group_cache_hits._value.get()
+    again = predict(client, 12, tasks, ABSENCE_XML).json["results"]  # from the group cache: the same
+    assert again == items and metrics.group_cache_hits._value.get() == hits + 1
     # the same project with the decision off: the official version, a mask everywhere, no choice
     off = setup(client, 12, ABSENCE_XML, {"absence": False, "group_by": "field:group", "propagate": False})
     assert off.json["model_version"] == version.removesuffix(SUFFIX)
