@@ -58,6 +58,10 @@ Environment variables (primary name, then aliases) -> field, default:
 - COSOD_PROPAGATE -> propagate, 1: a correction queues a job that re-predicts the other unannotated tasks of
   its group from the group's corrections (backend/jobs/propagation.py); 0 turns it off (per project: extra
   params {"propagate": false})
+- COSOD_ABSENCE -> absence, 0: 1 runs the absence decision (cosod/absence.py) on every project's groups: an
+  image judged without the group's object gets no mask, score 0.0 and, when the config has one, the "no common
+  object" choice (backend/prediction/absence.py); per project: extra params {"absence": true}. Off, the
+  predictions and their model_version are the official method's
 - COSOD_PROMOTE_METRIC / COSOD_PROMOTE_MARGIN -> promote_metric, iou / promote_margin, 0.005: a candidate
   replaces the active version only if, over the held-out corrections, the lower bound of the one-sided 95 %
   paired-bootstrap interval of its mean per-image gain on the metric is above the margin (for mae and hce
@@ -240,6 +244,7 @@ class Settings(BaseSettings):
     gpu_pool: str = _env("default", "COSOD_GPU_POOL")
     train_every: int = _env(10, "COSOD_TRAIN_EVERY", ge=1)
     propagate: bool = _env(True, "COSOD_PROPAGATE")
+    absence: bool = _env(False, "COSOD_ABSENCE")
     promote_metric: PromoteMetric = _env("iou", "COSOD_PROMOTE_METRIC")
     promote_margin: float = _env(0.005, "COSOD_PROMOTE_MARGIN", ge=0)
     promote_min_heldout: int = _env(5, "COSOD_PROMOTE_MIN_HELDOUT", ge=1)

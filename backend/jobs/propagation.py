@@ -25,6 +25,8 @@ correction queues one follow-up, ``<id>-again``, which the queue also keeps to o
 kept under their id, so the next correction queues a new run. Follow a job with ``GET /jobs/<id>``.
 
 Off per project with extra params ``{"propagate": false}``, or by default with ``COSOD_PROPAGATE=0``.
+With the absence decision on (``{"absence": true}``, :mod:`backend.prediction.absence`) the served pipeline
+runs it over the targets: one judged without the object gets no mask, score 0 and the config's choice.
 Faults: as every job (:mod:`backend.jobs.context`): Label Studio calls are retried with backoff.
 """
 
@@ -290,8 +292,9 @@ def _propagate(
             timings[phase] = timings.get(phase, 0.0) + result.timings.get(phase, 0.0)
         if not result.propagated and result.prototypes is not None and result.prototypes.foreground is None:
             return None
+        absent = set(result.absent)  # with the absence decision on (the served pipeline runs it)
         for k in result.targets:
-            out[ids[k]] = Outcome(mask=result.masks[k], score=float(result.scores[k]))
+            out[ids[k]] = Outcome(mask=result.masks[k], score=float(result.scores[k]), absent=k in absent)
         jobqueue.report_progress(min(len(todo), start + step), max(1, len(todo)))
     return out
 

@@ -21,6 +21,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 from ..errors import LabelConfigError, quote
+from .choices import AbsenceChoice, find_absence_choice
 
 SUPPORTED = ("brushlabels", "bitmasklabels", "polygonlabels")
 NAMES = "BrushLabels/BitmaskLabels/PolygonLabels"
@@ -49,17 +50,22 @@ class Control:
 @dataclass(frozen=True)
 class LabelConfig:
     controls: tuple[Control, ...]
+    absence: AbsenceChoice | None = None  # the "no common object" choice (backend.labelstudio.choices)
 
     @property
     def image_key(self) -> str:
         return self.controls[0].value_key
 
 
-def parse_label_config(xml: str, *, label: str | None = None) -> LabelConfig:
+def parse_label_config(
+    xml: str, *, label: str | None = None, absence_choice: str | None = None
+) -> LabelConfig:
     """Find the BrushLabels/BitmaskLabels/PolygonLabels controls on an Image; raises LabelConfigError
     naming what to add.
 
     ``label`` picks the label to write (it must be one of the control's labels); by default the first.
+    ``absence_choice``: the value of the "no common object" ``<Choice>`` (None: found by its conventional
+    value, if the config has it; see :mod:`backend.labelstudio.choices`).
     """
     if not isinstance(xml, str) or not xml.strip():
         raise LabelConfigError(f"the label config is empty; add {EXAMPLE}")
@@ -81,7 +87,13 @@ def parse_label_config(xml: str, *, label: str | None = None) -> LabelConfig:
     # all controls must read the same image: a prediction is made for one image per task
     if len({c.value_key for c in controls}) > 1:
         raise LabelConfigError(f"the {NAMES} controls point to different images; use one")
-    return LabelConfig(tuple(controls))
+    if absence_choice is not None:
+        _name(absence_choice, "absence_choice")
+    absence = find_absence_choice(root, images, controls[0].value_key, absence_choice)
+    if absence is not None:
+        _name(absence.from_name, "<Choices name=...>")
+        _name(absence.value, "<Choice value=...>")
+    return LabelConfig(tuple(controls), absence)
 
 
 def _parse(xml: str) -> ET.Element:

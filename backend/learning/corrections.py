@@ -14,7 +14,9 @@ Events handled (``payload`` as Label Studio sends it, protocol doc §1.1 and §5
 - ``START_TRAINING``: ``{"project": {...}}``; asks for a fine-tune.
 
 Empty annotations: an annotation whose ``result`` is empty is stored as an **empty-mask correction** ("there
-is no common object in this image"; its size comes from the image when the fine-tune reads it). A cancelled
+is no common object in this image"; its size comes from the image when the fine-tune reads it). So is an
+annotation that selects the config's "no common object" choice (:mod:`backend.labelstudio.choices`; the
+project's ``LabelConfig.absence``), with or without brush regions: the choice wins. A cancelled
 (skipped) annotation is **ignored**, and removes an earlier correction of the same annotation. An
 annotation with regions but no brush or bitmask region (e.g. only polygons) is ignored.
 
@@ -55,6 +57,7 @@ from cosod.imageio import DEFAULT_MAX_PIXELS
 
 from ..errors import BadRequestError, CorrectionRefusedError, UnknownProjectError, quote
 from ..grouping import GroupKey, group_key
+from ..labelstudio.choices import AbsenceChoice, selects_absence
 from ..labelstudio.protocol import (
     ANNOTATION_EVENTS,
     DELETE_EVENTS,
@@ -157,6 +160,7 @@ def handle_event(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     known: Callable[[int], bool] | None = None,
     min_corrections: int = 1,
+    absence: AbsenceChoice | None = None,
 ) -> dict[str, Any]:
     """Store (or delete) the correction an event carries; say whether a fine-tune should be enqueued.
 
@@ -164,7 +168,8 @@ def handle_event(
     image (``Project.config.image_key``; default: from the payload's label config); ``from_names``: the
     BrushLabels controls to read (default all); ``max_pixels``: the pixel limit of one brush region
     (``Settings.max_image_pixels``); ``known``: whether a project is set up (default
-    :func:`project_is_set_up`). Returns ``{"action", "project", "task", "annotation", "stored", "pending",
+    :func:`project_is_set_up`); ``absence``: the config's "no common object" choice (an annotation selecting
+    it is an empty correction). Returns ``{"action", "project", "task", "annotation", "stored", "pending",
     "enqueue", "reason"}``; ``enqueue`` is True on START_TRAINING or when the project has at least
     ``train_every`` changes since its last fine-tune, and it stores at least ``min_corrections`` corrections
     (``COSOD_FINETUNE_MIN_CORRECTIONS``; below that ``reason`` says how many, and a START_TRAINING stays
@@ -203,7 +208,9 @@ def handle_event(
         stored = "deleted" if removed else "unchanged"
         out["annotation"] = ids[0] if len(ids) == 1 else None
     elif action in ANNOTATION_EVENTS:
-        stored = _store_annotation(store, pid, payload, out, group_by, image_key, from_names, max_pixels)
+        stored = _store_annotation(
+            store, pid, payload, out, group_by, image_key, from_names, max_pixels, absence
+        )
     pending = store.pending(pid)
     requested = action == TRAIN_EVENT or store.training_requested(pid)
     enqueue = requested or pending >= train_every
@@ -249,6 +256,7 @@ def _store_annotation(
     image_key: str | None,
     from_names: Sequence[str] | None,
     max_pixels: int,
+    absence: AbsenceChoice | None = None,
 ) -> str:
     annotation = payload.get("annotation")
     if not isinstance(annotation, Mapping):
@@ -271,9 +279,12 @@ def _store_annotation(
     if task is None or not isinstance(task.get("data"), Mapping):
         raise BadRequestError(f"{out['action']} for annotation {aid} needs the task with its 'data'")
     result = annotation.get("result") or []
-    mask = union_brush_mask(result, from_names=from_names, max_pixels=max_pixels)
-    if mask is None and result:
-        return "ignored"  # regions, but none of ours
+    if selects_absence(result, absence):
+        mask = None  # "no common object here", whatever the brush says
+    else:
+        mask = union_brush_mask(result, from_names=from_names, max_pixels=max_pixels)
+        if mask is None and result:
+            return "ignored"  # regions, but none of ours
     data = task["data"]
     key = image_key or _image_key(payload.get("project") or {})
     url = _image_url(data, key)

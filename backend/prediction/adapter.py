@@ -30,8 +30,6 @@ from ..errors import (
     quote,
 )
 from ..grouping import GroupKey, TaskRef, choose_subset, group_digest, group_key, members
-from ..labelstudio import regions as regions_lib
-from ..labelstudio.bitmask import bitmask_region
 from ..labelstudio.client import LabelStudioClient
 from ..labelstudio.labelconfig import LabelConfig
 from ..labelstudio.protocol import ANNOTATION_EVENTS, LEARNING_EVENTS, changes_membership, parse_id
@@ -41,10 +39,12 @@ from ..learning.store import Store
 from ..learning.versions import Registry
 from ..metrics import Metrics
 from ..settings import Settings
+from . import absence
 from .compute import compute_outcomes
 from .groupcache import GroupCache, Outcome
 from .pipelines import PipelineLoader
 from .projects import Project, ProjectRegistry
+from .results import result_regions
 from .similar import SimilarGrouper
 
 log = logging.getLogger(__name__)
@@ -96,9 +96,12 @@ class CoSODModel:
 
     def serving(self, project: Project, timeout: float = 0.0) -> tuple[Any, str]:
         """``(pipeline, model_version)`` a project predicts with: its active fine-tuned version (registry,
-        read from SQLite, so every process follows a promotion) or the base model of its ``model``."""
+        read from SQLite, so every process follows a promotion) or the base model of its ``model``; with
+        the absence decision on, wrapped and suffixed (:mod:`.absence`)."""
         base = self.loader.require(timeout=timeout, model=project.model)
-        return self.registry.serving(project.id, base, self.model_version(project.id, base))
+        return absence.serve(
+            project.absence, *self.registry.serving(project.id, base, self.model_version(project.id, base))
+        )
 
     def setup(
         self, project_id: int, schema: str | None, extra_params: Any = None, access_token: str | None = None
@@ -123,7 +126,7 @@ class CoSODModel:
             if base is None:
                 continue
             base_version = self.model_version(i, base)
-            _, active = self.registry.serving(i, base, base_version)
+            active = absence.versioned(project.absence, self.registry.serving(i, base, base_version)[1])
             records = [r.as_dict() for r in self.registry.list_versions(i)]
             out.append({"project": i, "active": active, "base": base_version, "versions": records})
         return out
@@ -158,6 +161,7 @@ class CoSODModel:
                 train_every=self.settings.train_every,
                 max_pixels=self.settings.max_image_pixels,
                 min_corrections=self.settings.finetune_min_corrections,
+                absence=known.config.absence if known else None,
             )
         except BackendError as exc:  # its own status (422 refused correction, 404 unknown project...)
             raise type(exc)(f"{event}: {exc}") from None
@@ -309,20 +313,7 @@ class CoSODModel:
         return self._regions(config, task_id, out)
 
     def _regions(self, config: LabelConfig, task_id: int, out: Outcome) -> list[dict[str, Any]]:
-        assert out.mask is not None
-        regions: list[dict[str, Any]] = []
-        if not out.mask.any():
-            return regions
-        for c in config.controls:
-            rid = regions_lib.region_id(task_id, c.from_name)
-            names = {"from_name": c.from_name, "to_name": c.to_name, "label": c.label}
-            if c.kind == "brushlabels":
-                regions.append(regions_lib.brush_region(out.mask, **names, score=out.score, rid=rid))
-            elif c.kind == "bitmasklabels":
-                regions.append(bitmask_region(out.mask, **names, score=out.score, rid=rid))
-            else:
-                regions.extend(regions_lib.polygon_regions(out.mask, **names, score=out.score, rid=rid))
-        return regions
+        return result_regions(config, task_id, out)
 
     def _members(
         self, project: Project, key: GroupKey, asked: list[TaskRef]

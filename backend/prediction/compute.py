@@ -54,11 +54,13 @@ def compute_outcomes(
     if good:
         pred = pipeline.predict_group([img for _, img in good])
         metrics.group_images.inc(len(good))
+        decision = getattr(pred, "absence", None)  # with the absence decision on (backend.prediction.absence)
+        absent = set(decision.absent) if decision is not None else set()
         for k, (t, img) in enumerate(good):
             mask = np.asarray(pred.masks[k], dtype=bool)
             if mask.shape != img.shape[:2]:
                 raise RuntimeError(f"the pipeline returned a {mask.shape} mask for a {img.shape[:2]} image")
-            outcomes[t.id] = Outcome(mask=mask, score=float(pred.scores[k]))
+            outcomes[t.id] = Outcome(mask=mask, score=float(pred.scores[k]), absent=k in absent)
         log.debug(
             "group of %d: mode %s, timings %s",
             len(good),

@@ -27,6 +27,7 @@ class Outcome:
     score: float = 0.0
     error: str | None = None
     kind: str | None = None  # "image_unreadable" | "image_refused" | "image_fetch" | "not_computed"
+    absent: bool = False  # judged without the group's object (absence decision on; the mask is empty)
 
 
 @dataclass(frozen=True)
@@ -36,20 +37,21 @@ class _Packed:
     score: float
     error: str | None
     kind: str | None
+    absent: bool = False
 
     @classmethod
     def of(cls, out: Outcome) -> _Packed:
         if out.mask is None:
-            return cls(None, (), out.score, out.error, out.kind)
+            return cls(None, (), out.score, out.error, out.kind, out.absent)
         mask = np.asarray(out.mask, dtype=bool)
-        return cls(np.packbits(mask, axis=None), mask.shape, out.score, out.error, out.kind)
+        return cls(np.packbits(mask, axis=None), mask.shape, out.score, out.error, out.kind, out.absent)
 
     def outcome(self) -> Outcome:
         mask = None
         if self.bits is not None:
             n = int(np.prod(self.shape))
             mask = np.unpackbits(self.bits, count=n).astype(bool).reshape(self.shape)
-        return Outcome(mask=mask, score=self.score, error=self.error, kind=self.kind)
+        return Outcome(mask=mask, score=self.score, error=self.error, kind=self.kind, absent=self.absent)
 
     @property
     def nbytes(self) -> int:

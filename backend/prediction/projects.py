@@ -6,8 +6,11 @@ the latest ``/setup`` delivered, whichever worker received it.
 
 Extra params understood (JSON object in the ML connection's "Extra params"): ``group_by`` (any rule of
 :mod:`backend.grouping`, overriding ``COSOD_GROUP_BY``), ``label`` (which ``<Label>`` of the control to
-write), ``model`` (``scosparc`` or ``ums``, overriding ``COSOD_MODEL``) and ``propagate`` (true or false,
-overriding ``COSOD_PROPAGATE``: whether a correction re-predicts the rest of its group).
+write), ``model`` (``scosparc`` or ``ums``, overriding ``COSOD_MODEL``), ``propagate`` (true or false,
+overriding ``COSOD_PROPAGATE``: whether a correction re-predicts the rest of its group), ``absence`` (true or
+false, overriding ``COSOD_ABSENCE``: whether images judged without the group's object get no mask, see
+:mod:`backend.prediction.absence`) and ``absence_choice`` (the value of the config's "no common object"
+``<Choice>``, see :mod:`backend.labelstudio.choices`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class Project:
     extra_params: dict[str, Any] = field(default_factory=dict)
     model: str = "scosparc"
     propagate: bool = True  # a correction queues the propagation job of its group (backend.jobs.propagation)
+    absence: bool = False  # the absence decision runs on its groups (backend.prediction.absence)
     stamp: tuple[int, int] | None = None  # (inode, mtime) of its file under MODEL_DIR, once loaded or saved
 
 
@@ -120,9 +124,20 @@ class ProjectRegistry:
         propagate = extra.get("propagate", self.settings.propagate)
         if not isinstance(propagate, bool):
             raise BadRequestError(f"extra_params: propagate must be true or false, got {quote(propagate)}")
+        absence = extra.get("absence", self.settings.absence)
+        if not isinstance(absence, bool):
+            raise BadRequestError(f"extra_params: absence must be true or false, got {quote(absence)}")
+        choice = extra.get("absence_choice")
+        if choice is not None and (not isinstance(choice, str) or not choice.strip()):
+            raise BadRequestError(
+                f"extra_params: absence_choice must be the value of a <Choice> (a non-empty string), got "
+                f"{quote(choice)}"
+            )
         label = extra.get("label")
-        config = parse_label_config(label_config, label=str(label) if label is not None else None)
-        return Project(project_id, label_config, config, group_by, extra, model, propagate)
+        config = parse_label_config(
+            label_config, label=str(label) if label is not None else None, absence_choice=choice
+        )
+        return Project(project_id, label_config, config, group_by, extra, model, propagate, absence=absence)
 
     def _check_checkpoint(self, model: str) -> None:
         """A model that cannot run without a checkpoint is refused (400 naming the variable to set) instead

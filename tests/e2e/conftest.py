@@ -180,11 +180,17 @@ def label_studio(ls_template: LSTemplate, tmp_path_factory: pytest.TempPathFacto
 
 @contextmanager
 def run_backend(
-    ls_url: str, api_key: str, base: Path, *, loaded_only: bool = False, **extra_env: str
+    ls_url: str,
+    api_key: str,
+    base: Path,
+    *,
+    loaded_only: bool = False,
+    app: str = "backend.api.app:create_app()",
+    **extra_env: str,
 ) -> Iterator[Server]:
-    """gunicorn serving ``backend.api.app:create_app()`` with the tiny backbone, one worker, four threads;
-    yields once /health answers 200 (backbone loaded), or with ``loaded_only`` once it reports the pipeline
-    loaded whatever its status (with Redis down it answers 503 DEGRADED for good)."""
+    """gunicorn serving ``app`` (default ``backend.api.app:create_app()``) with the tiny backbone, one
+    worker, four threads; yields once /health answers 200 (backbone loaded), or with ``loaded_only`` once it
+    reports the pipeline loaded whatever its status (with Redis down it answers 503 DEGRADED for good)."""
     base.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {
@@ -217,7 +223,7 @@ def run_backend(
         "0",
         "--chdir",
         str(REPO),
-        "backend.api.app:create_app()",
+        app,
     ]
     with open(log, "ab") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
