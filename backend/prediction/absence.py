@@ -45,11 +45,9 @@ class AbsencePipeline:
         return self.inner.predict_group(images, hashes=hashes, absence=True if absence is None else absence)
 
     def masks_from_maps(
-        self, images: Sequence[Any], maps: Any, *, prototype: Any = None, absence: bool | None = None
+        self, images: Sequence[Any], maps: Any, *, absence: bool | None = None, **kw: Any
     ) -> Any:
-        return self.inner.masks_from_maps(
-            images, maps, prototype=prototype, absence=True if absence is None else absence
-        )
+        return self.inner.masks_from_maps(images, maps, absence=True if absence is None else absence, **kw)
 
 
 def serve(absence: bool, pipeline: Any, version: str) -> tuple[Any, str]:
