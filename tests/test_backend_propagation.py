@@ -324,3 +324,53 @@ def test_the_job_ids_are_per_project_and_group() -> None:
     assert len(ids) == 6 and all(is_job_id(i) for i in ids)
     assert propagation_job_id(1, a) == propagation_job_id(1, GroupKey("field:group", "a"))
     assert propagation.propagation_job_id(1, a).startswith("propagate-p1-")
+
+
+def test_parts_are_pushed_while_the_next_are_computed(env, monkeypatch) -> None:
+    """STREAM targets at a time: the first part's predictions reach Label Studio before the last part is
+    computed (that part waits for an update; pushing everything at the end would time it out), and a
+    correction arriving between two parts stops the round: the job computes again with it."""
+    import cosod.propagate as cp
+
+    model, ls, s, version = env()
+    monkeypatch.setattr(propagation, "STREAM", 1)
+    real = cp.propagate
+    parts: list[list[int]] = []
+    waited: list[bool] = []
+
+    def watched(*a: Any, **kw: Any) -> Any:
+        parts.append(list(kw["targets"]))
+        if len(parts) == 3:  # the third part: an update must have arrived already
+            deadline = time.monotonic() + 20
+            while ls.calls.get("update", 0) + ls.calls.get("create", 0) == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            waited.append(ls.calls.get("update", 0) + ls.calls.get("create", 0) > 0)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cp, "propagate", watched)
+    job = propagation_job_id(PID, GroupKey("field:group", "a"))
+    model.fit("ANNOTATION_CREATED", event(ls, 1, truth(0, 0)))
+    r = wait_done(s, job).result
+    assert waited == [True]
+    assert len(parts) == 5 and all(len(p) == 1 for p in parts)  # tasks 2-6, one at a time
+    assert r["updated"] == [2, 3, 4, 5] and r["created"] == [6] and r["rounds"] == 1
+    assert ls.calls["states"] == 5  # annotated or not: asked again right before each part's push
+
+    # a correction between two parts: the rest of the round is dropped and the job computes again
+    parts.clear()
+
+    def interrupted(*a: Any, **kw: Any) -> Any:
+        parts.append(list(kw["targets"]))
+        if len(parts) == 2:
+            model.fit("ANNOTATION_CREATED", event(ls, 4, truth(0, 3)))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cp, "propagate", interrupted)
+    model.fit("ANNOTATION_CREATED", event(ls, 2, truth(0, 1)))
+    r2 = wait_done(s, job).result
+    assert r2["rounds"] == 2 and r2["corrected_tasks"] == [1, 2, 4]
+    assert r2["updated"] == [3, 5, 6]
+    # local indices of the group's images: round 1 (corrected 1, 2) computed tasks 3 and 4, the second not
+    # pushed; round 2 (corrected 1, 2, 4) tasks 3, 5 and 6. The correction also queued the follow-up job.
+    assert parts[:5] == [[2], [3], [3], [4], [5]]
+    assert wait_done(s, f"{job}-again").result["updated"] == [3, 5, 6]

@@ -35,8 +35,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -60,6 +60,7 @@ from .context import JobContext, context, project_state, retrying
 log = logging.getLogger(__name__)
 MAX_ROUNDS = 3  # computations of one job when corrections keep arriving while it computes
 THREADS = 8  # concurrent Label Studio requests (image reads, prediction updates)
+STREAM = 4  # targets computed, then pushed while the next ones are computed
 
 
 def propagation_job_id(project_id: int, key: GroupKey) -> str:
@@ -141,6 +142,7 @@ def _propagate_group(ctx: JobContext, project_id: int, key: GroupKey, task_id: i
     failed: list[dict[str, Any]] = []
     done: dict[str, Any] = {}
     for rounds in range(1, MAX_ROUNDS + 1):
+        seq = [ctx.model.store.change_seq(project_id)]  # read before the corrections: a change is seen
         corrections = _corrections(ctx, project_id, {t.id for t in group})
         if not corrections:
             return {**out, "status": "nothing", "message": "the group has no stored correction"}
@@ -156,8 +158,26 @@ def _propagate_group(ctx: JobContext, project_id: int, key: GroupKey, task_id: i
         failed = _read_images(ctx, project, [t for t in wanted if t.id not in images], images)
         timings["images"] = timings.get("images", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
-        masks = _propagate(ctx, pipeline, corrections, targets, images, timings)
+        pusher = _Pusher(ctx, project, version)
+        signature = _signature(corrections)
+
+        def current(signature: dict[int, tuple[int, float]] = signature, seq: list[int] = seq) -> bool:
+            """No correction of the group changed since this round read them (the project's change counter
+            first: one small query; the group's corrections only when it moved)."""
+            now = ctx.model.store.change_seq(project_id)
+            if now == seq[0]:
+                return True
+            if _signature(_corrections(ctx, project_id, {t.id for t in group})) != signature:
+                return False
+            seq[0] = now  # another group's correction
+            return True
+
+        try:
+            masks = _propagate(ctx, pipeline, corrections, targets, images, timings, current, pusher)
+        finally:
+            done = pusher.close()
         timings["propagate"] = timings.get("propagate", 0.0) + time.perf_counter() - t0
+        timings["push"] = timings.get("push", 0.0) + pusher.seconds
         if masks is None:
             return {
                 **out,
@@ -165,14 +185,13 @@ def _propagate_group(ctx: JobContext, project_id: int, key: GroupKey, task_id: i
                 "corrections": len(corrections),
                 "message": "the group's corrections have no foreground: nothing to propagate",
             }
-        if _signature(_corrections(ctx, project_id, {t.id for t in group})) != _signature(corrections):
+        if not current():
             log.info("project %s group %s: corrections changed while computing; again", project_id, key)
             continue
-        t0 = time.perf_counter()
-        done = _push(ctx, project, version, masks)
-        timings["push"] = time.perf_counter() - t0
         out.update(rounds=rounds, corrections=len(corrections), corrected_tasks=sorted(corrections))
         break
+    else:
+        done = {}  # corrections kept coming: the follow-up job writes the masks of all of them
     seconds = time.perf_counter() - t_start
     timings = {k: round(v, 3) for k, v in timings.items()}
     jobqueue.set_meta(seconds=round(seconds, 3), timings=timings)
@@ -266,11 +285,20 @@ def _propagate(
     targets: list[int],
     images: dict[int, np.ndarray],
     timings: dict[str, float],
+    current: Callable[[], bool],
+    pusher: _Pusher,
 ) -> dict[int, Outcome] | None:
     """Task id -> propagated outcome for the ``targets`` whose image was read; None when the corrections
-    have no foreground. Groups larger than ``COSOD_MAX_GROUP_IMAGES`` go in chunks, each with every
-    corrected image. Adds the seconds of the feature cache (``encode``) and of propagate's phases
-    (``prototype``, ``refine``, ``crf``, ``resize``) to ``timings``."""
+    have no foreground.
+
+    The targets are computed :data:`STREAM` at a time and each part goes to ``pusher`` as soon as it is
+    done, while ``current()`` says no correction arrived meanwhile (else the rest is not computed: the
+    round starts again). So Label Studio's updates overlap the next part's CRFs, and the first tasks of a
+    group show their new mask before the last are computed. With the absence decision on, the targets of
+    a part are judged together, so a part is as large as it can be (the decision compares images).
+    Groups larger than ``COSOD_MAX_GROUP_IMAGES`` are encoded in parts, each with every corrected image.
+    Adds the seconds of the feature cache (``encode``) and of propagate's phases (``prototype``,
+    ``refine``, ``crf``, ``resize``) to ``timings``."""
     from cosod.features import image_hash
     from cosod.propagate import propagate
 
@@ -279,6 +307,10 @@ def _propagate(
     if not corrected:
         return {}
     step = max(1, ctx.settings.max_group_images - len(corrected))
+    judged = getattr(pipeline, "absence", False) or getattr(
+        getattr(pipeline, "config", None), "absence", False
+    )
+    stream = step if judged else min(step, STREAM)
     out: dict[int, Outcome] = {}
     for start in range(0, max(1, len(todo)), step):
         ids = corrected + todo[start : start + step]
@@ -287,16 +319,55 @@ def _propagate(
         feats = pipeline.encode(imgs, [image_hash(im) for im in imgs])
         timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
         exemplars = {k: _mask_for(corrections[i], images[i]) for k, i in enumerate(corrected)}
-        result = propagate(pipeline, feats, imgs, exemplars)
-        for phase in ("prototype", "refine", "crf", "resize"):
-            timings[phase] = timings.get(phase, 0.0) + result.timings.get(phase, 0.0)
-        if not result.propagated and result.prototypes is not None and result.prototypes.foreground is None:
-            return None
-        absent = set(result.absent)  # with the absence decision on (the served pipeline runs it)
-        for k in result.targets:
-            out[ids[k]] = Outcome(mask=result.masks[k], score=float(result.scores[k]), absent=k in absent)
-        jobqueue.report_progress(min(len(todo), start + step), max(1, len(todo)))
+        local = list(range(len(corrected), len(ids)))
+        for part in range(0, max(1, len(local)), stream):
+            result = propagate(pipeline, feats, imgs, exemplars, targets=local[part : part + stream])
+            for phase in ("prototype", "refine", "crf", "resize"):
+                timings[phase] = timings.get(phase, 0.0) + result.timings.get(phase, 0.0)
+            if result.prototypes is not None and result.prototypes.foreground is None:
+                return None
+            absent = set(result.absent)  # with the absence decision on (the served pipeline runs it)
+            chunk = {
+                ids[k]: Outcome(mask=result.masks[k], score=float(result.scores[k]), absent=k in absent)
+                for k in result.targets
+            }
+            if not current():
+                return out
+            out.update(chunk)
+            pusher.submit(chunk)
+            jobqueue.report_progress(min(len(todo), start + part + stream), max(1, len(todo)))
     return out
+
+
+class _Pusher:
+    """Pushes parts of a group's outcomes to Label Studio in the background, one part after the other
+    (:func:`_push`, whose requests run on :data:`THREADS` threads); :meth:`close` waits for them and
+    returns what was updated, created, left alone and failed."""
+
+    def __init__(self, ctx: JobContext, project: Project, version: str):
+        self.ctx, self.project, self.version = ctx, project, version
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="propagate-push")
+        self.futures: list[Future[dict[str, Any]]] = []
+        self.seconds = 0.0
+        self.started: float | None = None
+
+    def submit(self, masks: dict[int, Outcome]) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+        self.futures.append(self.pool.submit(_push, self.ctx, self.project, self.version, masks))
+
+    def close(self) -> dict[str, Any]:
+        done: dict[str, Any] = {}
+        try:
+            for f in self.futures:
+                part = f.result()
+                for k, v in part.items():
+                    done.setdefault(k, []).extend(v)
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            if self.started is not None:
+                self.seconds = time.perf_counter() - self.started
+        return done
 
 
 def _push(ctx: JobContext, project: Project, version: str, masks: dict[int, Outcome]) -> dict[str, Any]:
