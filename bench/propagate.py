@@ -1,20 +1,24 @@
 """Propagation of corrections within a group (cosod.propagate): mask quality, absence decision, speed.
 
-    python bench/propagate.py                                   # tiny and ViT-S/8, 4-6 min on 2 busy CPUs
+    python bench/propagate.py                                   # tiny and ViT-S/8, 6-9 min on 2 busy CPUs
     python bench/propagate.py --backbones tiny --quality-groups 3 --timing-groups 8 16   # a quick run
+    python bench/propagate.py --backbones tiny --first-group 5 --quality-groups 15 --maps neighbours \
+        --timing-groups                                         # 15 more groups, none used to set k and tau
 
 Quality, per backbone: ``--quality-groups`` synthetic groups (``cosod.data.synthetic_group``) of ``--images``
 images, each with ``--absent`` images drawn without the common object (never image 0) and a recurring
 distractor in about half of the images. The evaluated images are those from index 3 on, the same for every
 row: mean IoU over the evaluated images that hold the object, before (the unprompted pipeline) and after
 propagating 1, 2 and 3 corrections, the corrections being the ground-truth masks of images 0, 1, 2 (an absent
-one among them is an empty correction). The absence decision (cosod.absence, as ``PipelineConfig.absence``
+one among them is an empty correction). Once per propagation map (``--maps``): "neighbours" (the default:
+each token takes the foreground fraction of its nearest corrected tokens) and "prototype" (the first design:
+one mean vector per side); see cosod/propagate.py. The absence decision (cosod.absence, as ``PipelineConfig.absence``
 would apply it) on the same evaluated images: precision and recall of "absent" over all groups.
 
 Speed: the propagation step for groups of ``--timing-groups`` images with the features already in memory (as
 from the feature cache): corrections -> prototypes -> maps -> threshold, refinement -> CRF -> masks at the
 image size. Best of ``--repeats``, after a warm-up on a group of 4. The backend's webhook, queue and Label
-Studio calls are not part of it.
+Studio calls are not part of it: bench/propagate_webhook.py times those, against a real Label Studio.
 
 No pretrained weights here: the tiny backbone is random by design and ViT-S/8 ("vit_small_patch8_224.dino")
 is built with RANDOM weights of the real architecture when its file is absent (see bench/common.py). The
@@ -60,11 +64,12 @@ def make_group(
     return images, masks, absent
 
 
-def quality(pipe: Pipeline, args: argparse.Namespace) -> dict[str, object]:
-    """IoU before / after k corrections per group, and the absence decision's counts."""
+def quality(pipe: Pipeline, args: argparse.Namespace, maps: str) -> dict[str, object]:
+    """IoU before / after k corrections per group, and the absence decision's counts, with the propagation
+    maps ``maps`` (cosod.propagate: "neighbours", the default, or "prototype", the first design)."""
     rows = []
     counts = {k: {"tp": 0, "fp": 0, "fn": 0} for k in range(K_MAX + 1)}
-    for g in range(args.quality_groups):
+    for g in range(args.first_group, args.first_group + args.quality_groups):
         images, gt, absent = make_group(g, args.images, args.absent, tuple(args.image_size))
         feats = pipe.encode(images)
         evaluated = list(range(K_MAX, len(images)))
@@ -73,7 +78,7 @@ def quality(pipe: Pipeline, args: argparse.Namespace) -> dict[str, object]:
         before = pipe.masks_from_maps(images, maps)
         preds = {0: ({i: before.masks[i] for i in evaluated}, [before.regions[i] for i in evaluated])}
         for k in range(1, K_MAX + 1):
-            out = propagate(pipe, feats, images, {i: gt[i] for i in range(k)}, targets=evaluated)
+            out = propagate(pipe, feats, images, {i: gt[i] for i in range(k)}, targets=evaluated, maps=maps)
             assert out.prediction is not None  # image 0 always holds the object
             preds[k] = (out.masks, out.prediction.regions)
         row: dict[str, object] = {"group": g, "absent": absent}
@@ -111,12 +116,12 @@ def pct(x: float) -> str:
 def report_backbone(pipe: Pipeline, name: str, note: str, args: argparse.Namespace) -> dict[str, object]:
     print(f"\n== {name}: {note}; CRF on {pipe.crf_workers} process(es)")
     out: dict[str, object] = {"backbone": name, "weights": note}
-    if args.quality_groups:
+    for maps in args.maps if args.quality_groups else []:
         t0 = time.perf_counter()
-        q = quality(pipe, args)
-        out["quality"] = q
+        q = quality(pipe, args, maps)
+        out[f"quality_{maps}"] = q
         print(
-            f"mean IoU (%) of images {K_MAX}..{args.images - 1} holding the object, "
+            f"maps={maps}: mean IoU (%) of images {K_MAX}..{args.images - 1} holding the object, "
             f"{args.images}-image groups, {args.absent} absent each ({time.perf_counter() - t0:.0f} s)"
         )
         print(f"{'group':>5} {'absent':>8} {'before':>7} " + " ".join(f"{f'{k} corr':>7}" for k in (1, 2, 3)))
@@ -129,12 +134,8 @@ def report_backbone(pipe: Pipeline, name: str, note: str, args: argparse.Namespa
             )
         means = [float(np.mean([r[f"iou_{k}"] for r in rows])) for k in range(K_MAX + 1)]
         print(f"{'mean':>5} {'':>8} " + " ".join(f"{pct(m):>7}" for m in means))
-        rising = sum(all(r[f"iou_{k}"] >= r[f"iou_{k - 1}"] for k in range(1, K_MAX + 1)) for r in rows)
-        first = sum(r["iou_1"] > r["iou_0"] for r in rows)
-        print(
-            f"groups whose IoU rises with the first correction: {first} of {len(rows)}; "
-            f"that never drop from one column to the next: {rising} of {len(rows)}"
-        )
+        rising = sum(all(r[f"iou_{k}"] > r[f"iou_{k - 1}"] for k in range(1, K_MAX + 1)) for r in rows)
+        print(f"groups whose IoU rises with each correction (before < 1 < 2 < 3): {rising} of {len(rows)}")
         print(f"absence decision on the same images (z < -{pipe.config.absence_z}):")
         print(f"{'':>14} {'precision':>9} {'recall':>7} {'tp':>4} {'fp':>4} {'fn':>4}")
         counts = q["absence"]
@@ -170,6 +171,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbones", nargs="+", default=["tiny", "vit_small_patch8_224.dino"])
     p.add_argument("--quality-groups", type=int, default=5, help="synthetic groups for IoU (0: skip)")
+    p.add_argument("--first-group", type=int, default=0, help="seed offset of the quality groups")
+    p.add_argument(
+        "--maps", nargs="+", default=["neighbours", "prototype"], choices=["neighbours", "prototype"]
+    )
     p.add_argument("--images", type=int, default=12, help="images per quality group")
     p.add_argument("--absent", type=int, default=2, help="images without the object per quality group")
     p.add_argument("--image-size", nargs=2, type=int, default=[96, 128], metavar=("H", "W"))
