@@ -12,8 +12,9 @@ row: mean IoU over the evaluated images that hold the object, before (the unprom
 propagating 1, 2 and 3 corrections, the corrections being the ground-truth masks of images 0, 1, 2 (an absent
 one among them is an empty correction). Once per propagation map (``--maps``): "neighbours" (the default:
 each token takes the foreground fraction of its nearest corrected tokens) and "prototype" (the first design:
-one mean vector per side); see cosod/propagate.py. The absence decision (cosod.absence, as ``PipelineConfig.absence``
-would apply it) on the same evaluated images: precision and recall of "absent" over all groups.
+one mean vector per side); see cosod/propagate.py. The absence decision (cosod.absence, as
+``PipelineConfig.absence`` would apply it) on the same evaluated images: precision and recall of "absent"
+over all groups.
 
 Speed: the propagation step for groups of ``--timing-groups`` images with the features already in memory (as
 from the feature cache): corrections -> prototypes -> maps -> threshold, refinement -> CRF -> masks at the
@@ -64,9 +65,9 @@ def make_group(
     return images, masks, absent
 
 
-def quality(pipe: Pipeline, args: argparse.Namespace, maps: str) -> dict[str, object]:
+def quality(pipe: Pipeline, args: argparse.Namespace, kind: str) -> dict[str, object]:
     """IoU before / after k corrections per group, and the absence decision's counts, with the propagation
-    maps ``maps`` (cosod.propagate: "neighbours", the default, or "prototype", the first design)."""
+    maps ``kind`` (cosod.propagate: "neighbours", the default, or "prototype", the first design)."""
     rows = []
     counts = {k: {"tp": 0, "fp": 0, "fn": 0} for k in range(K_MAX + 1)}
     for g in range(args.first_group, args.first_group + args.quality_groups):
@@ -78,7 +79,7 @@ def quality(pipe: Pipeline, args: argparse.Namespace, maps: str) -> dict[str, ob
         before = pipe.masks_from_maps(images, maps)
         preds = {0: ({i: before.masks[i] for i in evaluated}, [before.regions[i] for i in evaluated])}
         for k in range(1, K_MAX + 1):
-            out = propagate(pipe, feats, images, {i: gt[i] for i in range(k)}, targets=evaluated, maps=maps)
+            out = propagate(pipe, feats, images, {i: gt[i] for i in range(k)}, targets=evaluated, maps=kind)
             assert out.prediction is not None  # image 0 always holds the object
             preds[k] = (out.masks, out.prediction.regions)
         row: dict[str, object] = {"group": g, "absent": absent}

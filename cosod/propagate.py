@@ -236,8 +236,9 @@ def propagate(
     Raises ValueError naming a bad image, mask, index or feature shape.
     """
     t0 = time.perf_counter()
-    if maps not in MAP_KINDS:
-        raise ValueError(f"maps must be one of {', '.join(MAP_KINDS)}, got {maps!r}")
+    if not isinstance(maps, str) or maps not in MAP_KINDS:
+        got = repr(maps[:40]) if isinstance(maps, str) else type(maps).__name__
+        raise ValueError(f"maps must be one of {', '.join(MAP_KINDS)}, got {got}")
     _check_images(images)
     if len(feats) != len(images):
         raise ValueError(f"features of {len(feats)} images for a group of {len(images)}")
