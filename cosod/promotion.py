@@ -29,7 +29,7 @@ dataset's max F takes the maximum of the averaged curve, so their mean differs f
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -123,9 +123,7 @@ def _images(n: int) -> str:
     return f"{n} held-out image{'s' if n != 1 else ''}"
 
 
-def decide(
-    candidate: Mapping[Hashable, float], active: Mapping[Hashable, float], rule: PromotionRule
-) -> Evidence:
+def decide(candidate: Mapping[Any, float], active: Mapping[Any, float], rule: PromotionRule) -> Evidence:
     """Promote or keep (see the module doc). ``candidate`` / ``active``: per held-out image (any sortable
     key, e.g. ``(group, image hash)``) the version's score on ``rule.metric``; only images both have, with
     finite scores, count, taken in key order (the decision does not depend on the mappings' order)."""

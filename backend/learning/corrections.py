@@ -288,6 +288,8 @@ def _store_annotation(
     data = task["data"]
     key = image_key or _image_key(payload.get("project") or {})
     url = _image_url(data, key)
+    if key is None:  # the key whose value _image_url took (the filename rule reads the image's name)
+        key = next((k for k, v in data.items() if v == url), "image")
     gkey = encode_group_key(group_key(data, group_by, key))
     if len(gkey) > MAX_GROUP_CHARS:
         raise CorrectionRefusedError(

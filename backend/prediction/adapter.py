@@ -190,19 +190,20 @@ class CoSODModel:
         """Queue the propagation of a stored correction to the rest of its group
         (:mod:`backend.jobs.propagation`); says the job, or why there is none."""
         why = None
+        schedule = self.schedule_propagation
         if out.get("stored") not in ("inserted", "updated"):
             why = f"the correction is {out.get('stored')}"
         elif not project.propagate:
             why = "off for this project (extra params 'propagate', COSOD_PROPAGATE)"
-        elif self.schedule_propagation is None:
+        elif schedule is None:
             why = "this process queues no jobs"
         elif not self.ls.configured:
             why = "Label Studio is not configured (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)"
-        if why is not None:
+        if why is not None or schedule is None:
             return {"propagation_job": None, "propagation": f"not propagated: {why}"}
         key = group_key(payload["task"]["data"], project.group_by, project.config.image_key)
         try:
-            return dict(self.schedule_propagation(project.id, key, int(out["task"])))
+            return dict(schedule(project.id, key, int(out["task"])))
         except (JobQueueError, TransientJobError) as exc:  # the correction is stored; the next one retries
             log.warning("project %s: propagation not queued: %s", project.id, exc)
             return {"propagation_job": None, "propagation": "not propagated: the job queue is unreachable"}
