@@ -81,8 +81,8 @@ class Propagation:
     prediction: the :class:`~cosod.pipeline.GroupPrediction` of the targets, in ``targets`` order (soft maps,
         thresholds, region records, absence decision), None when nothing was propagated.
     prototypes: the prototypes used; propagated: False when there was no corrected foreground.
-    timings: seconds: "prototype" (prototypes and maps), then the pipeline's "refine", "crf", "resize", and
-        "total".
+    timings: seconds: "prototype" (prototypes, exemplars and maps), then the pipeline's "refine", "crf",
+        "resize", and "total".
     """
 
     targets: list[int]
