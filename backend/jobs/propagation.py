@@ -7,7 +7,9 @@ webhook never computes: it answers within 1 s). The job
 1. lists the group's tasks (the project's grouping rule; under ``similar`` the stored assignment), and asks
    Label Studio which of them people annotated (one Data Manager request per 200 tasks);
 2. takes every stored correction of the group's tasks (:meth:`Store.load_corrections`: the latest
-   annotation per task; an empty one says "no common object here") and reads the group's images;
+   annotation per task; an empty one says "no common object here"), and the live provisional masks of
+   interactive prompts (:mod:`backend.learning.prompts`, queued by :mod:`backend.prediction.interactive`) of
+   its tasks that have no annotation (an annotated task's prompt is deleted), and reads the group's images;
 3. gets the images' backbone features through the pipeline's feature cache (no backbone pass for images
    predicted before) and runs :func:`cosod.propagate.propagate` with the corrections as exemplars;
 4. for every other task that has no annotation, updates the task's prediction of the version the project
@@ -48,6 +50,7 @@ from ..errors import (
 )
 from ..grouping import GroupKey, TaskRef, members
 from ..labelstudio import predictions as lspred
+from ..learning.prompts import PromptStore
 from ..learning.rows import Correction
 from ..prediction.groupcache import Outcome
 from ..prediction.projects import Project
@@ -138,30 +141,44 @@ def _propagate_group(ctx: JobContext, project_id: int, key: GroupKey, task_id: i
     images: dict[int, np.ndarray] = {}
     failed: list[dict[str, Any]] = []
     done: dict[str, Any] = {}
+    prompts = PromptStore(ctx.settings.model_dir, ctx.settings.prompt_ttl)
     for rounds in range(1, MAX_ROUNDS + 1):
         corrections = _corrections(ctx, project_id, {t.id for t in group})
-        if not corrections:
-            return {**out, "status": "nothing", "message": "the group has no stored correction"}
+        provisional = prompts.load(project_id, [t.id for t in group])
+        if not corrections and not provisional:
+            return {**out, "status": "nothing", "message": "the group has no stored correction or prompt"}
         t0 = time.perf_counter()
         annotated = retrying(
             ctx,
             f"listing the annotations of group {key} in project {project_id}",
             lambda: lspred.annotated_tasks(ctx.ls, project_id, [t.id for t in group]),
         )
-        targets = [t.id for t in group if annotated.get(t.id) is False and t.id not in corrections]
+        stale = {i for i in provisional if i in corrections or annotated.get(i) is not False}
+        prompts.drop(project_id, stale)  # superseded by an annotation (or the task is gone)
+        exemplars: dict[int, Correction | np.ndarray] = {
+            i: p.mask for i, p in provisional.items() if i not in stale
+        }
+        exemplars.update(corrections)
+        if not exemplars:
+            return {
+                **out,
+                "status": "nothing",
+                "message": "the group's prompts were superseded by annotations",
+            }
+        targets = [t.id for t in group if annotated.get(t.id) is False and t.id not in exemplars]
         todo = set(targets)
-        wanted = [t for t in group if t.id in corrections or t.id in todo]
+        wanted = [t for t in group if t.id in exemplars or t.id in todo]
         failed = _read_images(ctx, project, [t for t in wanted if t.id not in images], images)
         timings["images"] = timings.get("images", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
-        masks = _propagate(ctx, pipeline, corrections, targets, images, timings)
+        masks = _propagate(ctx, pipeline, exemplars, targets, images, timings)
         timings["propagate"] = timings.get("propagate", 0.0) + time.perf_counter() - t0
         if masks is None:
             return {
                 **out,
                 "status": "nothing",
                 "corrections": len(corrections),
-                "message": "the group's corrections have no foreground: nothing to propagate",
+                "message": "the group's corrections and prompts have no foreground: nothing to propagate",
             }
         if _signature(_corrections(ctx, project_id, {t.id for t in group})) != _signature(corrections):
             log.info("project %s group %s: corrections changed while computing; again", project_id, key)
@@ -170,6 +187,7 @@ def _propagate_group(ctx: JobContext, project_id: int, key: GroupKey, task_id: i
         done = _push(ctx, project, version, masks)
         timings["push"] = time.perf_counter() - t0
         out.update(rounds=rounds, corrections=len(corrections), corrected_tasks=sorted(corrections))
+        out["prompted_tasks"] = sorted(set(exemplars) - set(corrections))
         break
     seconds = time.perf_counter() - t_start
     timings = {k: round(v, 3) for k, v in timings.items()}
@@ -247,28 +265,31 @@ def _read_images(
     return failed
 
 
-def _mask_for(c: Correction, image: np.ndarray) -> np.ndarray:
-    """The correction's mask at the image's size (an empty correction of unknown size: all False)."""
+def _mask_for(c: Correction | np.ndarray, image: np.ndarray) -> np.ndarray:
+    """The correction's (or a prompt's) mask at the image's size (an empty correction of unknown size: all
+    False)."""
     h, w = image.shape[:2]
-    if c.mask is None:
+    mask = c if isinstance(c, np.ndarray) else c.mask
+    if mask is None:
         return np.zeros((h, w), dtype=bool)
-    if c.mask.shape == (h, w):
-        return c.mask
-    return np.asarray(Image.fromarray(c.mask).resize((w, h), Image.Resampling.NEAREST), dtype=bool)
+    if mask.shape == (h, w):
+        return mask
+    return np.asarray(Image.fromarray(mask).resize((w, h), Image.Resampling.NEAREST), dtype=bool)
 
 
 def _propagate(
     ctx: JobContext,
     pipeline: Any,
-    corrections: dict[int, Correction],
+    corrections: dict[int, Correction | np.ndarray],
     targets: list[int],
     images: dict[int, np.ndarray],
     timings: dict[str, float],
 ) -> dict[int, Outcome] | None:
-    """Task id -> propagated outcome for the ``targets`` whose image was read; None when the corrections
-    have no foreground. Groups larger than ``COSOD_MAX_GROUP_IMAGES`` go in chunks, each with every
-    corrected image. Adds the seconds of the feature cache (``encode``) and of propagate's phases
-    (``prototype``, ``refine``, ``crf``, ``resize``) to ``timings``."""
+    """Task id -> propagated outcome for the ``targets`` whose image was read; None when the exemplars
+    (``corrections``: stored corrections and provisional prompt masks) have no foreground. Groups larger
+    than ``COSOD_MAX_GROUP_IMAGES`` go in chunks, each with every corrected image. Adds the seconds of the
+    feature cache (``encode``) and of propagate's phases (``prototype``, ``refine``, ``crf``, ``resize``) to
+    ``timings``."""
     from cosod.features import image_hash
     from cosod.propagate import propagate
 
