@@ -62,6 +62,8 @@ Environment variables (primary name, then aliases) -> field, default:
   image judged without the group's object gets no mask, score 0.0 and, when the config has one, the "no common
   object" choice (backend/prediction/absence.py); per project: extra params {"absence": true}. Off, the
   predictions and their model_version are the official method's
+- COSOD_PROMPT_TTL -> prompt_ttl, 3600 s: how long the mask of an interactive prompt (a smart keypoint,
+  rectangle or brush on a task) stays an exemplar of its group's propagation (backend/learning/prompts.py)
 - COSOD_PROMOTE_METRIC / COSOD_PROMOTE_MARGIN -> promote_metric, iou / promote_margin, 0.005: a candidate
   replaces the active version only if, over the held-out corrections, the lower bound of the one-sided 95 %
   paired-bootstrap interval of its mean per-image gain on the metric is above the margin (for mae and hce
@@ -245,6 +247,7 @@ class Settings(BaseSettings):
     train_every: int = _env(10, "COSOD_TRAIN_EVERY", ge=1)
     propagate: bool = _env(True, "COSOD_PROPAGATE")
     absence: bool = _env(False, "COSOD_ABSENCE")
+    prompt_ttl: float = _env(3600.0, "COSOD_PROMPT_TTL", gt=0)
     promote_metric: PromoteMetric = _env("iou", "COSOD_PROMOTE_METRIC")
     promote_margin: float = _env(0.005, "COSOD_PROMOTE_MARGIN", ge=0)
     promote_min_heldout: int = _env(5, "COSOD_PROMOTE_MIN_HELDOUT", ge=1)

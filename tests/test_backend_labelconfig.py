@@ -17,6 +17,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "label_config"
     [
         ("brush.xml", "brushlabels", "tag"),
         ("brush_grouped.xml", "brushlabels", "tag"),
+        ("brush_interactive.xml", "brushlabels", "tag"),
         ("polygon.xml", "polygonlabels", "poly"),
         ("bitmask.xml", "bitmasklabels", "tag"),
     ],

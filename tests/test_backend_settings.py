@@ -59,6 +59,7 @@ TODAYS_DEFAULTS: dict[str, Any] = {
     "train_every": 10,
     "propagate": True,
     "absence": False,
+    "prompt_ttl": 3600.0,
     "promote_metric": "iou",
     "promote_margin": 0.005,
     "promote_min_heldout": 5,

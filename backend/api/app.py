@@ -28,6 +28,7 @@ from ..jobs.rqueue import count_alive
 from ..labelstudio.protocol import LEARNING_EVENTS, parse_id
 from ..metrics import CONTENT_TYPE, Metrics, VersionsCollector
 from ..prediction import build_model
+from ..prediction.interactive import predict_interactive
 from ..prediction.pipelines import PipelineFactory, PipelineLoader
 from ..settings import Settings
 from .guard import action_label, authorized, json_object, method_label
@@ -209,6 +210,9 @@ def create_app(settings: Settings | None = None, pipeline_factory: PipelineFacto
         project = model.project(parse_id(raw_project, "'project'"), label_config)
         raw_params = body.get("params")
         params = raw_params if isinstance(raw_params, dict) else {}
+        answer = predict_interactive(model, tasks, project=project, context=params.get("context"))
+        if answer is not None:  # prompts of Label Studio's smart tools (backend/prediction/interactive.py)
+            return jsonify(answer)
         items, errors = model.predict(tasks, project=project, context=params.get("context"))
         out: dict[str, Any] = {"results": items}
         if errors:

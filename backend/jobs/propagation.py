@@ -7,7 +7,9 @@ webhook never computes: it answers within 1 s). The job
 1. lists the group's tasks (the project's grouping rule; under ``similar`` the stored assignment), and asks
    Label Studio which of them people annotated (one Data Manager request per 200 tasks);
 2. takes every stored correction of the group's tasks (:meth:`Store.load_corrections`: the latest
-   annotation per task; an empty one says "no common object here") and reads the group's images;
+   annotation per task; an empty one says "no common object here"), and the live provisional masks of
+   interactive prompts (:mod:`backend.learning.prompts`, queued by :mod:`backend.prediction.interactive`) of
+   its tasks that have no annotation (an annotated task's prompt is deleted), and reads the group's images;
 3. gets the images' backbone features through the pipeline's feature cache (no backbone pass for images
    predicted before) and runs :func:`cosod.propagate.propagate` with the corrections as exemplars;
 4. for every other task that has no annotation, updates the task's prediction of the version the project
@@ -36,7 +38,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -44,22 +46,23 @@ from PIL import Image
 
 from ..errors import (
     BackendError,
-    LabelStudioError,
     PermanentJobError,
     TransientJobError,
 )
 from ..grouping import GroupKey, TaskRef, members
 from ..labelstudio import predictions as lspred
+from ..learning.prompts import PromptStore
 from ..learning.rows import Correction
 from ..prediction.groupcache import Outcome
 from ..prediction.projects import Project
 from ..settings import Settings
 from . import queue as jobqueue
 from .context import JobContext, context, project_state, retrying
+from .pushing import Pusher
 
 log = logging.getLogger(__name__)
 MAX_ROUNDS = 3  # computations of one job when corrections keep arriving while it computes
-THREADS = 8  # concurrent Label Studio requests (image reads, prediction updates)
+THREADS = 8  # concurrent image reads (the updates: backend.jobs.pushing)
 STREAM = 4  # targets computed, then pushed while the next ones are computed
 
 
@@ -141,24 +144,38 @@ def _propagate_group(ctx: JobContext, project_id: int, key: GroupKey, task_id: i
     images: dict[int, np.ndarray] = {}
     failed: list[dict[str, Any]] = []
     done: dict[str, Any] = {}
+    prompts = PromptStore(ctx.settings.model_dir, ctx.settings.prompt_ttl)
     for rounds in range(1, MAX_ROUNDS + 1):
         seq = [ctx.model.store.change_seq(project_id)]  # read before the corrections: a change is seen
         corrections = _corrections(ctx, project_id, {t.id for t in group})
-        if not corrections:
-            return {**out, "status": "nothing", "message": "the group has no stored correction"}
+        provisional = prompts.load(project_id, [t.id for t in group])
+        if not corrections and not provisional:
+            return {**out, "status": "nothing", "message": "the group has no stored correction or prompt"}
         t0 = time.perf_counter()
         annotated = retrying(
             ctx,
             f"listing the annotations of group {key} in project {project_id}",
             lambda: lspred.annotated_tasks(ctx.ls, project_id, [t.id for t in group]),
         )
-        targets = [t.id for t in group if annotated.get(t.id) is False and t.id not in corrections]
+        stale = {i for i in provisional if i in corrections or annotated.get(i) is not False}
+        prompts.drop(project_id, stale)  # superseded by an annotation (or the task is gone)
+        exemplars: dict[int, Correction | np.ndarray] = {
+            i: p.mask for i, p in provisional.items() if i not in stale
+        }
+        exemplars.update(corrections)
+        if not exemplars:
+            return {
+                **out,
+                "status": "nothing",
+                "message": "the group's prompts were superseded by annotations",
+            }
+        targets = [t.id for t in group if annotated.get(t.id) is False and t.id not in exemplars]
         todo = set(targets)
-        wanted = [t for t in group if t.id in corrections or t.id in todo]
+        wanted = [t for t in group if t.id in exemplars or t.id in todo]
         failed = _read_images(ctx, project, [t for t in wanted if t.id not in images], images)
         timings["images"] = timings.get("images", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
-        pusher = _Pusher(ctx, project, version)
+        pusher = Pusher(ctx, project, version)
         signature = _signature(corrections)
 
         def current(signature: dict[int, tuple[int, float]] = signature, seq: list[int] = seq) -> bool:
@@ -173,7 +190,7 @@ def _propagate_group(ctx: JobContext, project_id: int, key: GroupKey, task_id: i
             return True
 
         try:
-            masks = _propagate(ctx, pipeline, corrections, targets, images, timings, current, pusher)
+            masks = _propagate(ctx, pipeline, exemplars, targets, images, timings, current, pusher)
         finally:
             done = pusher.close()
         timings["propagate"] = timings.get("propagate", 0.0) + time.perf_counter() - t0
@@ -183,12 +200,13 @@ def _propagate_group(ctx: JobContext, project_id: int, key: GroupKey, task_id: i
                 **out,
                 "status": "nothing",
                 "corrections": len(corrections),
-                "message": "the group's corrections have no foreground: nothing to propagate",
+                "message": "the group's corrections and prompts have no foreground: nothing to propagate",
             }
         if not current():
             log.info("project %s group %s: corrections changed while computing; again", project_id, key)
             continue
         out.update(rounds=rounds, corrections=len(corrections), corrected_tasks=sorted(corrections))
+        out["prompted_tasks"] = sorted(set(exemplars) - set(corrections))
         break
     else:
         done = {}  # corrections kept coming: the follow-up job writes the masks of all of them
@@ -268,28 +286,30 @@ def _read_images(
     return failed
 
 
-def _mask_for(c: Correction, image: np.ndarray) -> np.ndarray:
-    """The correction's mask at the image's size (an empty correction of unknown size: all False)."""
+def _mask_for(c: Correction | np.ndarray, image: np.ndarray) -> np.ndarray:
+    """The correction's (or a prompt's) mask at the image's size (an empty correction of unknown size: all
+    False)."""
     h, w = image.shape[:2]
-    if c.mask is None:
+    mask = c if isinstance(c, np.ndarray) else c.mask
+    if mask is None:
         return np.zeros((h, w), dtype=bool)
-    if c.mask.shape == (h, w):
-        return c.mask
-    return np.asarray(Image.fromarray(c.mask).resize((w, h), Image.Resampling.NEAREST), dtype=bool)
+    if mask.shape == (h, w):
+        return mask
+    return np.asarray(Image.fromarray(mask).resize((w, h), Image.Resampling.NEAREST), dtype=bool)
 
 
 def _propagate(
     ctx: JobContext,
     pipeline: Any,
-    corrections: dict[int, Correction],
+    corrections: dict[int, Correction | np.ndarray],
     targets: list[int],
     images: dict[int, np.ndarray],
     timings: dict[str, float],
     current: Callable[[], bool],
-    pusher: _Pusher,
+    pusher: Pusher,
 ) -> dict[int, Outcome] | None:
-    """Task id -> propagated outcome for the ``targets`` whose image was read; None when the corrections
-    have no foreground.
+    """Task id -> propagated outcome for the ``targets`` whose image was read; None when the exemplars
+    (``corrections``: stored corrections and provisional prompt masks) have no foreground.
 
     The targets are computed :data:`STREAM` at a time and each part goes to ``pusher`` as soon as it is
     done, while ``current()`` says no correction arrived meanwhile (else the rest is not computed: the
@@ -337,89 +357,6 @@ def _propagate(
             pusher.submit(chunk)
             jobqueue.report_progress(min(len(todo), start + part + stream), max(1, len(todo)))
     return out
-
-
-class _Pusher:
-    """Pushes parts of a group's outcomes to Label Studio in the background, one part after the other
-    (:func:`_push`, whose requests run on :data:`THREADS` threads); :meth:`close` waits for them and
-    returns what was updated, created, left alone and failed."""
-
-    def __init__(self, ctx: JobContext, project: Project, version: str):
-        self.ctx, self.project, self.version = ctx, project, version
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="propagate-push")
-        self.futures: list[Future[dict[str, Any]]] = []
-        self.seconds = 0.0
-        self.started: float | None = None
-
-    def submit(self, masks: dict[int, Outcome]) -> None:
-        if self.started is None:
-            self.started = time.perf_counter()
-        self.futures.append(self.pool.submit(_push, self.ctx, self.project, self.version, masks))
-
-    def close(self) -> dict[str, Any]:
-        done: dict[str, Any] = {}
-        try:
-            for f in self.futures:
-                part = f.result()
-                for k, v in part.items():
-                    done.setdefault(k, []).extend(v)
-        finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            if self.started is not None:
-                self.seconds = time.perf_counter() - self.started
-        return done
-
-
-def _push(ctx: JobContext, project: Project, version: str, masks: dict[int, Outcome]) -> dict[str, Any]:
-    """Update (or create) each target's prediction of ``version``, unless the task got an annotation
-    since (asked again here, with the tasks' predictions, in one request per 50 tasks); returns the task
-    ids updated, created, annotated since, and the failures."""
-    if not masks:
-        return {"updated": [], "created": [], "annotated": [], "failed": []}
-    states = retrying(
-        ctx,
-        f"listing {len(masks)} tasks with their predictions in project {project.id}",
-        lambda: lspred.task_predictions(ctx.ls, project.id, list(masks), version),
-    )
-    send = sorted(i for i in masks if i in states and not states[i].annotated)
-    skipped = sorted(set(masks) - set(send))
-
-    def push(task_id: int) -> tuple[int, str, str | None]:
-        out = masks[task_id]
-        result = ctx.model.regions(project.config, task_id, out)
-        score = round(out.score, 4)
-        try:
-            ids = states[task_id].predictions
-            if ids is None:
-                ids = retrying(
-                    ctx,
-                    f"listing the predictions of task {task_id}",
-                    lambda: tuple(lspred.version_predictions(ctx.ls, task_id, version)),
-                )
-            if ids:
-                retrying(
-                    ctx,
-                    f"updating the prediction of task {task_id}",
-                    lambda: lspred.update_prediction(ctx.ls, ids[0], task_id, result, score),
-                )
-                return task_id, "updated", None
-            retrying(
-                ctx,
-                f"creating the prediction of task {task_id}",
-                lambda: ctx.ls.create_prediction(task_id, result, score, version),
-            )
-            return task_id, "created", None
-        except LabelStudioError as exc:
-            return task_id, "failed", str(exc)
-
-    done: dict[str, Any] = {"updated": [], "created": [], "annotated": skipped, "failed": []}
-    with ThreadPoolExecutor(max_workers=THREADS) as pool:
-        for tid, what, error in pool.map(push, send):
-            if what == "failed":
-                done["failed"].append({"task": tid, "error": error})
-            else:
-                done[what].append(tid)
-    return done
 
 
 __all__ = ["propagate_group", "propagation_job_id", "schedule_propagation"]
