@@ -157,6 +157,7 @@ HOSTILE = [
     ([bad(value_x=100.5)], "value.x must be a number in 0..100"),
     ([bad(value_y=-1)], "value.y must be a number in 0..100"),
     ([bad(value_y=True)], "value.y must be a number in 0..100"),
+    ([bad(value_x=10**400)], "value.x must be a number in 0..100"),  # float() of it overflows
     ([bad(value=[1, 2])], "'value' must be an object"),
     ([bad(is_positive="yes")], "is_positive must be true or false"),
     ([bad(from_name="nope")], "from_name 'nope' is not a <keypointlabels> control"),
@@ -296,6 +297,18 @@ def test_prompts_expire_and_round_trip(tmp_path) -> None:
     assert store.load(3, [7]) == {} and not (tmp_path / "prompts" / "3" / "7.npz").exists()
     store.put(3, 8, mask)
     assert store.drop(3, [8, 9]) == 1 and store.load(3, [8]) == {}
+    # a new prompt deletes the project's expired files, even those no job reads again
+    import os
+    import time
+
+    store.put(3, 5, mask)
+    old = time.time() - 61
+    os.utime(tmp_path / "prompts" / "3" / "5.npz", (old, old))
+    store.put(4, 5, mask)  # another project: not swept
+    assert (tmp_path / "prompts" / "3" / "5.npz").exists()
+    store.put(3, 6, mask)
+    assert not (tmp_path / "prompts" / "3" / "5.npz").exists()
+    assert (tmp_path / "prompts" / "3" / "6.npz").exists() and (tmp_path / "prompts" / "4" / "5.npz").exists()
 
 
 def test_the_keypoint_cell_is_the_token_cell_of_the_point() -> None:
@@ -309,3 +322,19 @@ def test_brush_prompt_rle_helpers_agree() -> None:  # the stroke decodes as Labe
     m = np.zeros((5, 6), bool)
     m[1:3, 2:5] = True
     assert np.array_equal(rle_to_mask_fast(mask_to_rle(m), 5, 6) > 0, m)
+
+
+def test_an_unreadable_image_is_an_error_the_editor_shows(make_client, fake_ls, tiny_pipeline) -> None:
+    """Label Studio relays an error answer as ``{"errors": [...]}``; a 200 without a result would show
+    nothing. Not fetched: 502; not an image: 422; both name the task."""
+    client = make_client(lambda s: tiny_pipeline, propagate=False)
+    tasks = project_with_groups(fake_ls, {"a": 2}, size=(128, 96))
+    assert setup(client, schema=SMART).status_code == 200
+    fake_ls.add_bytes(tasks[0]["data"]["image"], b"not an image")
+    r = predict(client, tasks[:1], SMART, params={"context": {"result": [keypoint(50, 50)]}})
+    assert r.status_code == 422, r.get_json()
+    assert f"task {tasks[0]['id']}: the image was not read" in r.get_json()["error"]
+    fake_ls.routes.pop(tasks[1]["data"]["image"])
+    r = predict(client, tasks[1:], SMART, params={"context": {"result": [keypoint(50, 50)]}})
+    assert r.status_code == 502, r.get_json()
+    assert f"task {tasks[1]['id']}: the image was not read" in r.get_json()["error"]

@@ -374,3 +374,21 @@ def test_parts_are_pushed_while_the_next_are_computed(env, monkeypatch) -> None:
     # pushed; round 2 (corrected 1, 2, 4) tasks 3, 5 and 6. The correction also queued the follow-up job.
     assert parts[:5] == [[2], [3], [3], [4], [5]]
     assert wait_done(s, f"{job}-again").result["updated"] == [3, 5, 6]
+
+
+def test_the_latest_exemplars_only(env, monkeypatch) -> None:
+    """However many tasks of a group are annotated, a job reads at most MAX_EXEMPLAR_IMAGES exemplar images:
+    the most recently stored corrections."""
+    model, ls, s, _ = env()
+    monkeypatch.setattr(propagation, "MAX_EXEMPLAR_IMAGES", 2)
+    job = propagation_job_id(PID, GroupKey("field:group", "a"))
+    for t in (1, 2, 3):
+        model.fit("ANNOTATION_CREATED", event(ls, t, truth(0, t - 1)))
+        wait_done(s, job)
+    before = ls.calls["image"]
+    model.fit("ANNOTATION_UPDATED", event(ls, 2, truth(0, 1), aid=2002, when="2026-12-07T06:00:00Z"))
+    r = wait_done(s, job).result
+    # stored last: task 2 (updated), then task 3; task 1's correction is left out, its task is annotated
+    assert r["corrected_tasks"] == [2, 3] and r["corrections"] == 2
+    assert r["updated"] == [4, 5, 6] and r["created"] == []  # task 6's prediction: created by a first job
+    assert ls.calls["image"] - before == 5  # the 2 exemplars and the 3 targets: never task 1's image

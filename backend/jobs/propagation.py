@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 MAX_ROUNDS = 3  # computations of one job when corrections keep arriving while it computes
 THREADS = 8  # concurrent image reads (the updates: backend.jobs.pushing)
 STREAM = 4  # targets computed, then pushed while the next ones are computed
+MAX_EXEMPLAR_IMAGES = 32  # corrected or prompted images used as exemplars: the latest ones
 
 
 def propagation_job_id(project_id: int, key: GroupKey) -> str:
@@ -163,6 +164,7 @@ def _propagate_group(ctx: JobContext, project_id: int, key: GroupKey, task_id: i
             i: p.mask for i, p in provisional.items() if i not in stale
         }
         exemplars.update(corrections)
+        exemplars = _latest(exemplars)
         if not exemplars:
             return {
                 **out,
@@ -175,12 +177,17 @@ def _propagate_group(ctx: JobContext, project_id: int, key: GroupKey, task_id: i
         failed = _read_images(ctx, project, [t for t in wanted if t.id not in images], images)
         timings["images"] = timings.get("images", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
-        pusher = Pusher(ctx, project, version)
         signature = _signature(corrections)
+        stamps = prompts.stamps(project_id, [t.id for t in group])
 
-        def current(signature: dict[int, tuple[int, float]] = signature, seq: list[int] = seq) -> bool:
-            """No correction of the group changed since this round read them (the project's change counter
-            first: one small query; the group's corrections only when it moved)."""
+        def current(
+            signature: dict[int, tuple[int, float]] = signature, seq: list[int] = seq, stamps: Any = stamps
+        ) -> bool:
+            """No correction or prompt of the group changed since this round read them (the project's change
+            counter first: one small query; the group's corrections only when it moved). Asked before each
+            part is computed and again right before it is sent."""
+            if prompts.stamps(project_id, [t.id for t in group]) != stamps:
+                return False
             now = ctx.model.store.change_seq(project_id)
             if now == seq[0]:
                 return True
@@ -189,6 +196,7 @@ def _propagate_group(ctx: JobContext, project_id: int, key: GroupKey, task_id: i
             seq[0] = now  # another group's correction
             return True
 
+        pusher = Pusher(ctx, project, version, current)
         try:
             masks = _propagate(ctx, pipeline, exemplars, targets, images, timings, current, pusher)
         finally:
@@ -205,7 +213,8 @@ def _propagate_group(ctx: JobContext, project_id: int, key: GroupKey, task_id: i
         if not current():
             log.info("project %s group %s: corrections changed while computing; again", project_id, key)
             continue
-        out.update(rounds=rounds, corrections=len(corrections), corrected_tasks=sorted(corrections))
+        used = sorted(i for i in exemplars if i in corrections)
+        out.update(rounds=rounds, corrections=len(used), corrected_tasks=used)
         out["prompted_tasks"] = sorted(set(exemplars) - set(corrections))
         break
     else:
@@ -253,6 +262,20 @@ def _corrections(ctx: JobContext, project_id: int, task_ids: set[int]) -> dict[i
     """Task id -> its latest stored correction, for the tasks among ``task_ids``."""
     rows = ctx.model.store.load_corrections(project_id, max_pixels=ctx.settings.max_image_pixels)[0]
     return {c.task_id: c for c in rows if c.task_id in task_ids}
+
+
+def _latest(exemplars: dict[int, Correction | np.ndarray]) -> dict[int, Correction | np.ndarray]:
+    """At most :data:`MAX_EXEMPLAR_IMAGES` exemplars (so a job's images, features and exemplar bank stay
+    bounded however many tasks of the group are annotated): the prompts (live, so recent), then the most
+    recently stored corrections."""
+    if len(exemplars) <= MAX_EXEMPLAR_IMAGES:
+        return exemplars
+
+    def age(item: tuple[int, Correction | np.ndarray]) -> float:
+        v = item[1]
+        return float("inf") if isinstance(v, np.ndarray) else float(v.updated)
+
+    return dict(sorted(exemplars.items(), key=age, reverse=True)[:MAX_EXEMPLAR_IMAGES])
 
 
 def _signature(corrections: dict[int, Correction]) -> dict[int, tuple[int, float]]:

@@ -5,6 +5,7 @@ annotation meanwhile (asked right before each part is sent)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -20,10 +21,12 @@ THREADS = 8  # concurrent Label Studio requests (prediction updates)
 class Pusher:
     """Pushes parts of a group's outcomes to Label Studio in the background, one part after the other
     (:func:`push`, whose requests run on :data:`THREADS` threads); :meth:`close` waits for them and
-    returns what was updated, created, left alone and failed."""
+    returns what was updated, created, left alone and failed. ``current()`` is asked right before each part
+    is sent: when a newer correction or prompt arrived, the part is not sent (``stale``), so a job never
+    writes masks older than what a job started after it may already have written."""
 
-    def __init__(self, ctx: JobContext, project: Project, version: str):
-        self.ctx, self.project, self.version = ctx, project, version
+    def __init__(self, ctx: JobContext, project: Project, version: str, current: Callable[[], bool]):
+        self.ctx, self.project, self.version, self.current = ctx, project, version, current
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="propagate-push")
         self.futures: list[Future[dict[str, Any]]] = []
         self.seconds = 0.0
@@ -32,7 +35,12 @@ class Pusher:
     def submit(self, masks: dict[int, Outcome]) -> None:
         if self.started is None:
             self.started = time.perf_counter()
-        self.futures.append(self.pool.submit(push, self.ctx, self.project, self.version, masks))
+        self.futures.append(self.pool.submit(self._send, masks))
+
+    def _send(self, masks: dict[int, Outcome]) -> dict[str, Any]:
+        if not self.current():
+            return {"stale": sorted(masks)}
+        return push(self.ctx, self.project, self.version, masks)
 
     def close(self) -> dict[str, Any]:
         done: dict[str, Any] = {}

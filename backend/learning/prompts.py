@@ -4,7 +4,9 @@ kept for a while so that the group's propagation job can use it.
 A prompt is not an annotation. Its mask never enters the corrections table (:mod:`.store`), so it is never a
 fine-tune target; it only joins a group's exemplars in :mod:`backend.jobs.propagation`, and only while
 
-- it is younger than ``COSOD_PROMPT_TTL`` seconds (default 3600): an older one is deleted when read;
+- it is younger than ``COSOD_PROMPT_TTL`` seconds (default 3600): an older one is deleted when read, and
+  every new prompt of a project deletes the project's expired ones (so the files stay bounded by what one
+  TTL brings, even where no job reads them again: propagation turned off, tasks deleted);
 - its task has no annotation: a stored correction of the task, or an annotation Label Studio lists for it,
   supersedes it (the job deletes it then);
 - it is the task's latest prompt: a new prompt of the task replaces the file.
@@ -66,7 +68,21 @@ class PromptStore:
             created=np.asarray(created, dtype=np.float64),
         )
         atomic_write(self._path(project_id, task_id), lambda f: f.write(buf.getvalue()))
+        self.sweep(project_id, now=created)
         return created
+
+    def sweep(self, project_id: int, *, now: float | None = None) -> int:
+        """Delete the project's files older than the TTL (by modification time); how many."""
+        now = time.time() if now is None else float(now)
+        n = 0
+        for path in (self.root / str(int(project_id))).glob("*.npz"):
+            try:
+                if now - path.stat().st_mtime > self.ttl:
+                    path.unlink(missing_ok=True)
+                    n += 1
+            except OSError:
+                continue
+        return n
 
     def load(
         self, project_id: int, task_ids: Iterable[int], *, now: float | None = None
@@ -95,6 +111,17 @@ class PromptStore:
                 path.unlink(missing_ok=True)
                 continue
             out[int(tid)] = ProvisionalMask(int(tid), mask, created)
+        return out
+
+    def stamps(self, project_id: int, task_ids: Iterable[int]) -> dict[int, int]:
+        """Task id -> its prompt file's modification time (ns), for the tasks among ``task_ids`` that have
+        one: a cheap "did a prompt change?" for a running job (no mask decoded)."""
+        out: dict[int, int] = {}
+        for tid in task_ids:
+            try:
+                out[int(tid)] = self._path(project_id, tid).stat().st_mtime_ns
+            except OSError:
+                continue
         return out
 
     def drop(self, project_id: int, task_ids: Iterable[int]) -> int:

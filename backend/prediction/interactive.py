@@ -42,7 +42,7 @@ import numpy as np
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ..errors import BackendError, BadRequestError, JobQueueError, TransientJobError
+from ..errors import BackendError, BadRequestError, ImageRefusedError, JobQueueError, TransientJobError
 from ..grouping import group_key
 from ..learning.prompts import PromptStore
 from .groupcache import Outcome
@@ -165,10 +165,10 @@ def predict_interactive(
     url = ref.data.get(project.config.image_key)
     try:
         image = model.ls.read_image(url, ref.id, project_id=project.id)
-    except (BackendError, ValueError, OSError) as exc:
-        item = model._item(project, ref.id, Outcome(error=str(exc), kind="image_fetch"), version)
-        item.pop("kind", None)
-        return {"results": [item], "errors": [{"task": ref.id, "error": item.get("error")}]}
+    except BackendError as exc:  # its own status (422 refused, 502 not fetched): the editor shows the reason
+        raise type(exc)(f"task {ref.id}: the image was not read: {exc}") from None
+    except (ValueError, OSError) as exc:  # not decodable
+        raise ImageRefusedError(f"task {ref.id}: the image was not read: {exc}") from None
     with model._compute_lock:
         try:
             seg = segment(pipeline, image, prompts, model.settings.max_image_pixels)

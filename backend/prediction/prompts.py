@@ -160,7 +160,12 @@ def _prompt(
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # a JSON integer of hundreds of digits
+        return False
 
 
 def _percent(where: str, value: Mapping[str, Any], key: str) -> float:
