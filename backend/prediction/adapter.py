@@ -190,21 +190,36 @@ class CoSODModel:
         """Queue the propagation of a stored correction to the rest of its group
         (:mod:`backend.jobs.propagation`); says the job, or why there is none."""
         why = None
-        schedule = self.schedule_propagation
         if out.get("stored") not in ("inserted", "updated"):
             why = f"the correction is {out.get('stored')}"
-        elif not project.propagate:
+        key = group_key(payload["task"]["data"], project.group_by, project.config.image_key)
+        return self.queue_propagation(project, key, int(out["task"]), why=why)
+
+    def queue_propagation(
+        self,
+        project: Project,
+        key: GroupKey,
+        task_id: int,
+        *,
+        why: str | None = None,
+        before: Callable[[], Any] | None = None,
+    ) -> dict[str, Any]:
+        """Queue the group's propagation job (a correction or an interactive prompt of ``task_id``; ``before``
+        runs first when it is queued): the job, or why there is none (``why``: the caller's reason)."""
+        schedule = self.schedule_propagation
+        if why is None and not project.propagate:
             why = "off for this project (extra params 'propagate', COSOD_PROPAGATE)"
-        elif schedule is None:
+        elif why is None and schedule is None:
             why = "this process queues no jobs"
-        elif not self.ls.configured:
+        elif why is None and not self.ls.configured:
             why = "Label Studio is not configured (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)"
         if why is not None or schedule is None:
             return {"propagation_job": None, "propagation": f"not propagated: {why}"}
-        key = group_key(payload["task"]["data"], project.group_by, project.config.image_key)
+        if before is not None:
+            before()
         try:
-            return dict(schedule(project.id, key, int(out["task"])))
-        except (JobQueueError, TransientJobError) as exc:  # the correction is stored; the next one retries
+            return dict(schedule(project.id, key, task_id))
+        except (JobQueueError, TransientJobError) as exc:  # what it stored stays; the next one retries
             log.warning("project %s: propagation not queued: %s", project.id, exc)
             return {"propagation_job": None, "propagation": "not propagated: the job queue is unreachable"}
 

@@ -42,7 +42,7 @@ import numpy as np
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ..errors import BackendError, BadRequestError, ImageRefusedError, JobQueueError, TransientJobError
+from ..errors import BackendError, BadRequestError, ImageRefusedError
 from ..grouping import group_key
 from ..learning.prompts import PromptStore
 from .groupcache import Outcome
@@ -190,21 +190,8 @@ def _queue(
     model: CoSODModel, project: Project, key: Any, task_id: int, mask: np.ndarray
 ) -> Mapping[str, Any]:
     """Keep the mask as the task's provisional exemplar and queue the group's propagation job."""
-    why, schedule = None, model.schedule_propagation
-    if not project.propagate:
-        why = "off for this project (extra params 'propagate', COSOD_PROPAGATE)"
-    elif schedule is None:
-        why = "this process queues no jobs"
-    elif not model.ls.configured:
-        why = "Label Studio is not configured (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)"
-    if why is not None or schedule is None:
-        return {"propagation_job": None, "propagation": f"not propagated: {why}"}
-    PromptStore(model.settings.model_dir, model.settings.prompt_ttl).put(project.id, task_id, mask)
-    try:
-        return dict(schedule(project.id, key, task_id))
-    except (JobQueueError, TransientJobError) as exc:
-        log.warning("project %s: propagation not queued: %s", project.id, exc)
-        return {"propagation_job": None, "propagation": "not propagated: the job queue is unreachable"}
+    store = PromptStore(model.settings.model_dir, model.settings.prompt_ttl)
+    return model.queue_propagation(project, key, task_id, before=lambda: store.put(project.id, task_id, mask))
 
 
 __all__ = ["Segmented", "predict_interactive", "segment"]
