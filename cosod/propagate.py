@@ -198,6 +198,22 @@ def neighbour_maps(
     return out.clamp(0.0, 1.0).float()
 
 
+@dataclass
+class Exemplars:
+    """What a group's corrections give every image to predict: the prototypes and the labelled exemplars
+    (:func:`prepare`). A caller that propagates a group in parts prepares them once and passes them on."""
+
+    prototypes: Prototypes
+    bank: torch.Tensor
+    labels: torch.Tensor
+
+
+def prepare(feats: BackboneFeatures, corrections: Mapping[int, np.ndarray]) -> Exemplars:
+    """:func:`correction_prototypes` and :func:`correction_exemplars` of a group's corrections."""
+    tokens = feats.tokens.float()
+    return Exemplars(correction_prototypes(tokens, corrections), *correction_exemplars(tokens, corrections))
+
+
 def _check_corrections(images: Sequence[np.ndarray], corrections: Mapping[int, np.ndarray]) -> None:
     n = len(images)
     for i, mask in corrections.items():
@@ -222,6 +238,7 @@ def propagate(
     targets: Sequence[int] | None = None,
     absence: bool | None = None,
     maps: str = "neighbours",
+    prepared: Exemplars | None = None,
 ) -> Propagation:
     """Masks for the images of a group from the corrected masks of some of them (module docstring).
 
@@ -232,6 +249,7 @@ def propagate(
     targets: the indices to propagate to (default: every image without a correction, in order). absence:
         run the absence decision over the targets (None: ``pipeline.config.absence``). maps: "neighbours"
         (the exemplars' labels and threshold 0.5) or "prototype" (the first design); module docstring.
+        prepared: :func:`prepare` of these ``feats`` and ``corrections``, when the caller made it already.
 
     Raises ValueError naming a bad image, mask, index or feature shape.
     """
@@ -249,7 +267,8 @@ def propagate(
     for i in targets:
         if not 0 <= i < len(images):
             raise ValueError(f"target index {i} is not an image of this group of {len(images)}")
-    protos = correction_prototypes(feats.tokens, corrections)
+    ex = prepared if prepared is not None else prepare(feats, corrections)
+    protos = ex.prototypes
     result = Propagation(targets=targets, prototypes=protos)
     if protos.foreground is None or not targets:
         result.timings = {"total": time.perf_counter() - t0}
@@ -257,8 +276,7 @@ def propagate(
     tokens = feats.tokens[targets].float()  # a float16 cache: refinement scores in float32
     thresholds = None
     if maps == "neighbours":
-        bank, labels = correction_exemplars(feats.tokens.float(), corrections)
-        grid_maps = neighbour_maps(tokens, bank, labels)
+        grid_maps = neighbour_maps(tokens, ex.bank, ex.labels)
         thresholds = torch.full((len(targets),), 0.5)
     else:
         grid_maps = prototype_maps(tokens, protos)

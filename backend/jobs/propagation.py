@@ -343,7 +343,7 @@ def _propagate(
     Adds the seconds of the feature cache (``encode``) and of propagate's phases (``prototype``,
     ``refine``, ``crf``, ``resize``) to ``timings``."""
     from cosod.features import image_hash
-    from cosod.propagate import propagate
+    from cosod.propagate import prepare, propagate
 
     corrected = [i for i in sorted(corrections) if i in images]
     todo = [i for i in targets if i in images]
@@ -363,8 +363,11 @@ def _propagate(
         timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
         exemplars = {k: _mask_for(corrections[i], images[i]) for k, i in enumerate(corrected)}
         local = list(range(len(corrected), len(ids)))
+        prepared = prepare(feats, exemplars)  # once for the parts below
         for part in range(0, max(1, len(local)), stream):
-            result = propagate(pipeline, feats, imgs, exemplars, targets=local[part : part + stream])
+            result = propagate(
+                pipeline, feats, imgs, exemplars, targets=local[part : part + stream], prepared=prepared
+            )
             for phase in ("prototype", "refine", "crf", "resize"):
                 timings[phase] = timings.get(phase, 0.0) + result.timings.get(phase, 0.0)
             if result.prototypes is not None and result.prototypes.foreground is None:
