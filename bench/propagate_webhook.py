@@ -120,12 +120,7 @@ def run_size(ls: e2e.Server, backend: e2e.Server, n: int, args: argparse.Namespa
     shape = truth[ids[0]].shape
     e2e.ls_api(ls, "POST", "/api/ml", json={"url": backend.url, "project": project, "title": "cosod"})
     t0 = time.perf_counter()
-    e2e.ls_api(
-        ls,
-        "POST",
-        f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
-        json={"selectedItems": {"all": True, "excluded": []}},
-    )
+    e2e.retrieve_predictions(ls, project)
     unprompted_s = time.perf_counter() - t0
     preds = e2e.predictions_by_task(ls, project)
     row: dict[str, Any] = {"group": n, "unprompted_s": unprompted_s}

@@ -377,6 +377,16 @@ def create_grouped_project(
     return project, task_group
 
 
+def retrieve_predictions(ls: Server, project: int) -> Any:
+    """Data Manager's "Retrieve predictions" on every task of ``project`` (Label Studio calls /predict)."""
+    return ls_api(
+        ls,
+        "POST",
+        f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
+        json={"selectedItems": {"all": True, "excluded": []}},
+    )
+
+
 def predictions_by_task(ls: Server, project: int) -> dict[int, list[dict[str, Any]]]:
     out: dict[int, list[dict[str, Any]]] = {}
     for p in ls_api(ls, "GET", f"/api/predictions?project={project}"):
@@ -406,6 +416,7 @@ def e2e() -> Any:
         create_grouped_project=create_grouped_project,
         group_png=group_png,
         predictions_by_task=predictions_by_task,
+        retrieve_predictions=retrieve_predictions,
         stop=stop,
         free_port=free_port,
     )

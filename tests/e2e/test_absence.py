@@ -103,12 +103,7 @@ def test_absent_images_get_the_choice_and_the_choice_is_an_empty_correction(
         assert ml["state"] == "CO", ml
         version = ml["model_version"]
         assert version.startswith(f"scosparc-p{project}-") and version.endswith("-absence")
-        e2e.ls_api(
-            ls,
-            "POST",
-            f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
-            json={"selectedItems": {"all": True, "excluded": []}},
-        )
+        e2e.retrieve_predictions(ls, project)
         check(e2e.predictions_by_task(ls, project), k_of, version, obj)
 
         # a person confirms an absent image with the choice alone, and marks a present one with the

@@ -79,12 +79,7 @@ def test_bitmask_predictions_and_corrections_through_label_studio(
         )
         assert ml["state"] == "CO", ml
         version = ml["model_version"]
-        e2e.ls_api(
-            ls,
-            "POST",
-            f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
-            json={"selectedItems": {"all": True, "excluded": []}},
-        )
+        e2e.retrieve_predictions(ls, project)
         stored = e2e.predictions_by_task(ls, project)
         assert sorted(stored) == sorted(size) and all(len(v) == 1 for v in stored.values())
 

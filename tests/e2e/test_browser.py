@@ -19,6 +19,8 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
+from tests.browser import login
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -194,7 +196,6 @@ def drawn_fractions(
 def test_the_predicted_mask_is_drawn_where_the_prediction_says(
     browser: None, label_studio: Any, backend: Any, chrome: Any, e2e: Any, tmp_path: Path
 ) -> None:
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     t0 = time.perf_counter()
@@ -210,12 +211,7 @@ def test_the_predicted_mask_is_drawn_where_the_prediction_says(
 
     ml = e2e.ls_api(ls, "POST", "/api/ml", json={"url": backend.url, "project": project, "title": "cosod"})
     assert ml["state"] == "CO", ml
-    e2e.ls_api(
-        ls,
-        "POST",
-        f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
-        json={"selectedItems": {"all": True, "excluded": []}},
-    )
+    e2e.retrieve_predictions(ls, project)
     (prediction,) = e2e.predictions_by_task(ls, project)[opened]
     (region,) = prediction["result"]
     w, h = region["original_width"], region["original_height"]
@@ -225,11 +221,7 @@ def test_the_predicted_mask_is_drawn_where_the_prediction_says(
     assert 0.02 < mask.mean() < 0.98 and (mask != mirrored).mean() > 0.05, "a mask a mirror cannot tell apart"
 
     # Label Studio's own login form, then the task's labeling page in the Data Manager
-    chrome.get(f"{ls.url}/user/login/")
-    chrome.find_element(By.NAME, "email").send_keys(e2e.USER)
-    chrome.find_element(By.NAME, "password").send_keys(e2e.PASSWORD)
-    chrome.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    WebDriverWait(chrome, 30).until(lambda d: "/user/login" not in d.current_url)
+    login(chrome, ls.url, e2e.USER, e2e.PASSWORD)
     chrome.get(f"{ls.url}/projects/{project}/data?task={opened}")
     for _ in range(3):  # a screenshot between two identical layouts
         geo = WebDriverWait(chrome, 60, poll_frequency=0.3).until(

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.browser import login
 from tests.e2e.test_browser import CORNERS, REPO, SIDE, SIZE, browser, chrome, square_png  # noqa: F401
 from tests.e2e.test_propagation import finished
 
@@ -75,19 +76,10 @@ def test_a_smart_keypoint_placed_in_the_editor_calls_the_backend(
             json={"url": backend.url, "project": project, "title": "cosod", "is_interactive": True},
         )
         assert ml["state"] == "CO" and ml["is_interactive"], ml
-        e2e.ls_api(
-            ls,
-            "POST",
-            f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
-            json={"selectedItems": {"all": True, "excluded": []}},
-        )
+        e2e.retrieve_predictions(ls, project)
         first = e2e.predictions_by_task(ls, project)
 
-        chrome.get(f"{ls.url}/user/login/")
-        chrome.find_element(By.NAME, "email").send_keys(e2e.USER)
-        chrome.find_element(By.NAME, "password").send_keys(e2e.PASSWORD)
-        chrome.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-        WebDriverWait(chrome, 30).until(lambda d: "/user/login" not in d.current_url)
+        login(chrome, ls.url, e2e.USER, e2e.PASSWORD)
         chrome.get(f"{ls.url}/projects/{project}/data?task={opened}")
         geo = WebDriverWait(chrome, 60, poll_frequency=0.3).until(
             lambda d: d.execute_script(LOADED), "the labeling page never showed the task image"

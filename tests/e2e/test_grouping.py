@@ -51,12 +51,7 @@ def connect(e2e: Any, ls: Any, backend: Any, project: int, group_by: str) -> dic
 
 
 def retrieve(e2e: Any, ls: Any, project: int) -> None:
-    e2e.ls_api(
-        ls,
-        "POST",
-        f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
-        json={"selectedItems": {"all": True, "excluded": []}},
-    )
+    e2e.retrieve_predictions(ls, project)
 
 
 def groups_of(backend: Any, project: int) -> dict[str | None, int]:

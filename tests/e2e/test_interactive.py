@@ -73,12 +73,7 @@ def test_a_smart_keypoint_segments_its_task_and_propagates_to_the_group(
             "/api/ml",
             json={"url": backend.url, "project": project, "title": "cosod", "is_interactive": True},
         )
-        e2e.ls_api(
-            ls,
-            "POST",
-            f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
-            json={"selectedItems": {"all": True, "excluded": []}},
-        )
+        e2e.retrieve_predictions(ls, project)
         first = e2e.predictions_by_task(ls, project)
         assert sorted(first) == sorted(task_group) and all(len(p) == 1 for p in first.values())
         (version,) = {p[0]["model_version"] for p in first.values()}

@@ -27,12 +27,7 @@ def true_mask(e2e_png: bytes, group: int) -> np.ndarray:
 
 
 def retrieve(e2e: Any, ls: Any, project: int) -> None:
-    e2e.ls_api(
-        ls,
-        "POST",
-        f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
-        json={"selectedItems": {"all": True, "excluded": []}},
-    )
+    e2e.retrieve_predictions(ls, project)
 
 
 def versions_per_task(e2e: Any, ls: Any, project: int) -> dict[int, list[str]]:

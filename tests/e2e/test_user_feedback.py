@@ -88,12 +88,7 @@ def test_the_prediction_score_column(label_studio, backend, e2e) -> None:
     ml = connect(ls, backend.url, project, title="cosod model")
     assert ml.status_code == 201, ml.text
     version = ml.json()["model_version"]
-    e2e.ls_api(
-        ls,
-        "POST",
-        f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
-        json={"selectedItems": {"all": True, "excluded": []}},
-    )
+    e2e.retrieve_predictions(ls, project)
     preds = e2e.predictions_by_task(ls, project)
     assert set(preds) == set(task_group)
     score = {t: p[0]["score"] for t, p in preds.items()}
