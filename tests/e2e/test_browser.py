@@ -193,6 +193,20 @@ def drawn_fractions(
     return float(coloured[on_in].mean()), float(coloured[on_out].mean())
 
 
+def squares_project(e2e: Any, ls: Any, config: str, title: str) -> tuple[int, list[dict[str, Any]], int]:
+    """A project with ``label_config/<config>`` and the square images uploaded, in one group; returns its id,
+    its tasks and the id of the task showing ``square_0.png`` (the one the browser opens)."""
+    xml = (REPO / "label_config" / config).read_text()
+    project = e2e.ls_api(ls, "POST", "/api/projects", json={"title": title, "label_config": xml})["id"]
+    files = {f"f{k}": (f"square_{k}.png", square_png(k), "image/png") for k in range(len(CORNERS))}
+    assert e2e.ls_api(ls, "POST", f"/api/projects/{project}/import", files=files)["task_count"] == len(files)
+    tasks = e2e.ls_api(ls, "GET", f"/api/tasks?project={project}&page_size=100")["tasks"]
+    for t in tasks:
+        e2e.ls_api(ls, "PATCH", f"/api/tasks/{t['id']}", json={"data": {**t["data"], "group": "squares"}})
+    (opened,) = [t["id"] for t in tasks if t["data"]["image"].endswith("-square_0.png")]
+    return project, tasks, opened
+
+
 def test_the_predicted_mask_is_drawn_where_the_prediction_says(
     browser: None, label_studio: Any, backend: Any, chrome: Any, e2e: Any, tmp_path: Path
 ) -> None:
@@ -200,14 +214,7 @@ def test_the_predicted_mask_is_drawn_where_the_prediction_says(
 
     t0 = time.perf_counter()
     ls = label_studio
-    config = (REPO / "label_config" / "brush_grouped.xml").read_text()
-    project = e2e.ls_api(ls, "POST", "/api/projects", json={"title": "browser", "label_config": config})["id"]
-    files = {f"f{k}": (f"square_{k}.png", square_png(k), "image/png") for k in range(len(CORNERS))}
-    assert e2e.ls_api(ls, "POST", f"/api/projects/{project}/import", files=files)["task_count"] == len(files)
-    tasks = e2e.ls_api(ls, "GET", f"/api/tasks?project={project}&page_size=100")["tasks"]
-    for t in tasks:
-        e2e.ls_api(ls, "PATCH", f"/api/tasks/{t['id']}", json={"data": {**t["data"], "group": "squares"}})
-    (opened,) = [t["id"] for t in tasks if t["data"]["image"].endswith("-square_0.png")]
+    project, tasks, opened = squares_project(e2e, ls, "brush_grouped.xml", "browser")
 
     ml = e2e.ls_api(ls, "POST", "/api/ml", json={"url": backend.url, "project": project, "title": "cosod"})
     assert ml["state"] == "CO", ml

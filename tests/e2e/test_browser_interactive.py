@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from tests.browser import login
-from tests.e2e.test_browser import CORNERS, REPO, SIDE, SIZE, browser, chrome, square_png  # noqa: F401
+from tests.e2e.test_browser import CORNERS, SIDE, SIZE, browser, chrome, squares_project  # noqa: F401
 from tests.e2e.test_propagation import finished
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -59,14 +59,7 @@ def test_a_smart_keypoint_placed_in_the_editor_calls_the_backend(
     from selenium.webdriver.support.ui import WebDriverWait
 
     ls = label_studio
-    config = (REPO / "label_config" / "brush_interactive.xml").read_text()
-    project = e2e.ls_api(ls, "POST", "/api/projects", json={"title": "smart", "label_config": config})["id"]
-    files = {f"f{k}": (f"square_{k}.png", square_png(k), "image/png") for k in range(len(CORNERS))}
-    assert e2e.ls_api(ls, "POST", f"/api/projects/{project}/import", files=files)["task_count"] == len(files)
-    tasks = e2e.ls_api(ls, "GET", f"/api/tasks?project={project}&page_size=100")["tasks"]
-    for t in tasks:
-        e2e.ls_api(ls, "PATCH", f"/api/tasks/{t['id']}", json={"data": {**t["data"], "group": "squares"}})
-    (opened,) = [t["id"] for t in tasks if t["data"]["image"].endswith("-square_0.png")]
+    project, tasks, opened = squares_project(e2e, ls, "brush_interactive.xml", "smart")
     others = sorted(t["id"] for t in tasks if t["id"] != opened)
     with start_backend(ls.url, e2e.TOKEN, tmp_path / "backend") as backend:
         ml = e2e.ls_api(
