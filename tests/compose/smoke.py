@@ -307,6 +307,9 @@ def main() -> int:
         )
 
         t0 = time.monotonic()
+        # what an interrupted earlier run left under the same project name would make `up` recreate
+        # containers that no longer exist: start from nothing
+        run(*dc, "down", "-v", "--remove-orphans", env=env, check=False, quiet=True)
         run(*dc, "up", "-d", "--scale", "worker=0", env=env)
         health = wait_until(
             "/health ready with a live worker",
