@@ -163,6 +163,37 @@ def test_a_killed_job_without_retries_can_be_asked_again_at_once(q: RQQueue, tmp
     assert int(_redis().get("runs")) == 1
 
 
+def test_the_outcome_is_recorded_after_the_run_ended(q: RQQueue, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whoever sees a job finished or failed sees its run ended: no ``running`` mark, and a finished job no
+    earlier run's error. The meta stored in Redis is read at the moment RQ records each outcome; a job
+    re-queued by someone who did not count its worker's death (``running`` still set) is among them."""
+    from rq.job import Job
+
+    from backend.jobs.worker import worker_class
+
+    seen: dict[str, dict[str, Any]] = {}
+    for name in ("_handle_success", "_handle_failure"):
+        original = getattr(Job, name)
+
+        def record(job: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            seen[job.id] = Job.fetch(job.id, connection=job.connection).get_meta()
+            return _original(job, *args, **kwargs)
+
+        monkeypatch.setattr(Job, name, record)
+    q.enqueue(count_to, 2, job_id="fine", **TTL)
+    q.enqueue(hopeless, "hopeless", job_id="hopeless", **TTL)
+    q.enqueue(count_to, 1, job_id="requeued", **TTL)
+    requeued = Job.fetch("requeued", connection=_redis())
+    requeued.meta.update(running=True, runs=1, attempt=1)
+    requeued.save_meta()
+    worker_class(1)([QUEUE], connection=_redis()).work(burst=True)
+    assert set(seen) == {"fine", "hopeless", "requeued"}
+    assert not any("running" in meta for meta in seen.values()), seen
+    assert seen["requeued"]["deaths"] == 1 and seen["requeued"]["attempt"] == 2
+    assert "last_error" not in seen["requeued"] and "last_error" not in q.fetch("requeued").meta
+    assert q.fetch("fine").status == "finished" and q.fetch("hopeless").status == "failed"
+
+
 def test_the_rq_internals_the_worker_overrides_keep_their_shape() -> None:
     """``backend.jobs.worker`` reimplements ``SimpleWorker.execute_job`` with a heartbeat thread; it calls
     these rq internals by position. A new rq that renames or reorders them fails here, not in production."""

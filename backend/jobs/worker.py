@@ -96,15 +96,16 @@ def worker_class(heartbeat: int) -> type:
                 credit_deaths(self.connection, queue)
             super().clean_registries()
 
+        def handle_job_success(self, job: Any, *args: Any, **kwargs: Any) -> Any:
+            # before RQ marks it finished: whoever sees it finished must not see it running, nor an
+            # earlier run's error
+            _end_run_safely(job, finished=True)
+            return super().handle_job_success(job, *args, **kwargs)
+
         def handle_job_failure(self, job: Any, *args: Any, **kwargs: Any) -> Any:
             # before RQ re-queues it: another worker may start the retry at once, and must not take this
-            # (failed, not dead) run for a death
-            try:
-                job.get_meta(refresh=True)
-                if job.meta.pop("running", None) is not None:
-                    job.save_meta()
-            except Exception as exc:
-                log.warning("job %s: could not clear its running mark: %s", job.id, exc)
+            # (failed, not dead) run for a death, nor have its own run's mark cleared by this one's end
+            _end_run_safely(job, finished=False)
             return super().handle_job_failure(job, *args, **kwargs)
 
         def execute_job(self, job: Any, queue: Any) -> None:
@@ -122,7 +123,7 @@ def worker_class(heartbeat: int) -> type:
             thread.start()
             try:
                 begin_run(job)
-                end_run(job, finished=self.perform_job(job, queue, execution))
+                self.perform_job(job, queue, execution)  # its success or failure handler ends the run
             finally:
                 stop.set()
                 thread.join(5)
@@ -156,9 +157,10 @@ def _stored_retries(job: Any) -> int | None:
 
 
 def end_run(job: Any, finished: bool) -> None:
-    """A run ended (its worker lives): ``running`` is cleared; a finished job keeps no error of an earlier
-    attempt or a retried call. What the job wrote stays even when Redis lost it (an empty restart during
-    the run): the meta in this process and the stored one are merged, the stored one winning."""
+    """A run ended (its worker lives), called before RQ records the outcome: ``running`` is cleared; a
+    finished job keeps no error of an earlier attempt or a retried call. What the job wrote stays even
+    when Redis lost it (an empty restart during the run): the meta in this process and the stored one
+    are merged, the stored one winning."""
     local = dict(job.meta or {})
     meta = job.meta = {**local, **job.get_meta(refresh=True)}
     meta.pop("running", None)
@@ -166,6 +168,13 @@ def end_run(job: Any, finished: bool) -> None:
         meta.pop("last_error", None)
         meta.pop("error", None)
     job.save_meta()
+
+
+def _end_run_safely(job: Any, finished: bool) -> None:
+    try:
+        end_run(job, finished)
+    except Exception as exc:  # the job's outcome is RQ's to record all the same
+        log.warning("job %s: could not clear its running mark: %s", job.id, exc)
 
 
 def reap_abandoned(connection: Any, queue_name: str, interval: int, quiet: float = float("inf")) -> bool:
