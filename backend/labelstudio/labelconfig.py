@@ -69,7 +69,7 @@ def parse_label_config(
     """
     if not isinstance(xml, str) or not xml.strip():
         raise LabelConfigError(f"the label config is empty; add {EXAMPLE}")
-    root = _parse(xml)
+    root = parse_config_xml(xml)
     tags = [el for el in root.iter() if el.tag.lower() in SUPPORTED]
     _at_most(len(tags), MAX_CONTROLS, f"{NAMES} controls")
     _at_most(sum(1 for el in root.iter() if el.tag.lower() == "image"), MAX_OBJECTS, "<Image> tags")
@@ -96,7 +96,7 @@ def parse_label_config(
     return LabelConfig(tuple(controls), absence)
 
 
-def _parse(xml: str) -> ET.Element:
+def parse_config_xml(xml: str) -> ET.Element:
     """The config's root element, once the text is within :data:`MAX_CONFIG_BYTES`, valid Unicode and
     without a DOCTYPE."""
     if len(xml) > MAX_CONFIG_BYTES:  # at least as many bytes as characters: no need to encode it

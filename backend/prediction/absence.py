@@ -53,9 +53,7 @@ class AbsencePipeline:
 def serve(absence: bool, pipeline: Any, version: str) -> tuple[Any, str]:
     """``(pipeline, model_version)`` a project serves: as given with the decision off, else wrapped and
     suffixed (module doc)."""
-    if not absence:
-        return pipeline, version
-    return AbsencePipeline(pipeline), version + SUFFIX
+    return (AbsencePipeline(pipeline) if absence else pipeline), versioned(absence, version)
 
 
 def versioned(absence: bool, version: str) -> str:

@@ -207,12 +207,13 @@ class CoSODModel:
         """Queue the group's propagation job (a correction or an interactive prompt of ``task_id``; ``before``
         runs first when it is queued): the job, or why there is none (``why``: the caller's reason)."""
         schedule = self.schedule_propagation
-        if why is None and not project.propagate:
-            why = "off for this project (extra params 'propagate', COSOD_PROPAGATE)"
-        elif why is None and schedule is None:
-            why = "this process queues no jobs"
-        elif why is None and not self.ls.configured:
-            why = "Label Studio is not configured (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)"
+        if why is None:  # the caller's reason comes first
+            if not project.propagate:
+                why = "off for this project (extra params 'propagate', COSOD_PROPAGATE)"
+            elif schedule is None:
+                why = "this process queues no jobs"
+            elif not self.ls.configured:
+                why = "Label Studio is not configured (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)"
         if why is not None or schedule is None:
             return {"propagation_job": None, "propagation": f"not propagated: {why}"}
         if before is not None:
@@ -311,7 +312,7 @@ class CoSODModel:
                 }
             return {"model_version": version, "error": out.error, "kind": out.kind}
         return {
-            "result": self._regions(project.config, task_id, out),
+            "result": result_regions(project.config, task_id, out),
             "score": round(out.score, 4),
             "model_version": version,
         }
@@ -326,9 +327,6 @@ class CoSODModel:
 
     def regions(self, config: LabelConfig, task_id: int, out: Outcome) -> list[dict[str, Any]]:
         """The ``result`` list Label Studio stores for a task's mask (empty when the mask is empty)."""
-        return self._regions(config, task_id, out)
-
-    def _regions(self, config: LabelConfig, task_id: int, out: Outcome) -> list[dict[str, Any]]:
         return result_regions(config, task_id, out)
 
     def _members(

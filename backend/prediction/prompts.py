@@ -21,7 +21,6 @@ prompt, and the call is an ordinary prediction.
 from __future__ import annotations
 
 import math
-import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadRequestError, quote
-from ..labelstudio.labelconfig import LabelConfig
+from ..labelstudio.labelconfig import LabelConfig, parse_config_xml
 from ..learning.masks import union_brush_mask
 
 KINDS = {
@@ -73,10 +72,10 @@ def has_prompt(context: Any) -> bool:
 
 def config_tags(label_config: str) -> dict[str, tuple[str, tuple[str, ...]]]:
     """Control name -> (its tag in lower case, the object names of its ``toName``), for every named tag with
-    a ``toName`` in a label config (already checked by :func:`~backend.labelstudio.labelconfig.
-    parse_label_config`)."""
+    a ``toName`` in a label config (read with the label config's own guards; the project's config already
+    passed :func:`~backend.labelstudio.labelconfig.parse_label_config`)."""
     out: dict[str, tuple[str, tuple[str, ...]]] = {}
-    for el in ET.fromstring(label_config).iter():
+    for el in parse_config_xml(label_config).iter():
         name, to = el.get("name"), el.get("toName") or el.get("toname")
         if name and to:
             out[name] = (el.tag.lower(), tuple(t.strip() for t in to.split(",")))
