@@ -118,7 +118,7 @@ def job_of(backend: e2e.Server, project: int) -> dict[str, Any]:
 def run_size(ls: e2e.Server, backend: e2e.Server, n: int, args: argparse.Namespace) -> dict[str, Any]:
     project, ids, truth = make_project(ls, n, tuple(args.size), seed=40 + n)
     shape = truth[ids[0]].shape
-    e2e.ls_api(ls, "POST", "/api/ml", json={"url": backend.url, "project": project, "title": "cosod"})
+    e2e.connect_backend(ls, project, backend.url)
     t0 = time.perf_counter()
     e2e.retrieve_predictions(ls, project)
     unprompted_s = time.perf_counter() - t0

@@ -331,6 +331,15 @@ def ls_api(ls: Server, method: str, path: str, **kw: Any) -> Any:
     return resp.json() if resp.content else None
 
 
+def connect_backend(ls: Server, project: int, url: str, **fields: Any) -> dict[str, Any]:
+    """Connect the ML backend at ``url`` to ``project`` as a user does in its settings (Label Studio then
+    calls /health and /setup); ``fields``: more of the connection's fields (title "cosod" unless given).
+    Fails the test unless Label Studio says it is connected. Returns the connection."""
+    ml = ls_api(ls, "POST", "/api/ml", json={"url": url, "project": project, "title": "cosod", **fields})
+    assert ml["state"] == "CO", ml
+    return dict(ml)
+
+
 def group_png(group: int, k: int, size: tuple[int, int] = (64, 48)) -> bytes:
     """A noisy background with the group's common object (a coloured square) at a seeded place."""
     import io
@@ -413,6 +422,7 @@ def e2e() -> Any:
         USER=USER,
         PASSWORD=PASSWORD,
         ls_api=ls_api,
+        connect_backend=connect_backend,
         create_grouped_project=create_grouped_project,
         group_png=group_png,
         predictions_by_task=predictions_by_task,

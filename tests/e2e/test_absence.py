@@ -94,13 +94,7 @@ def test_absent_images_get_the_choice_and_the_choice_is_an_empty_correction(
             timeout=120,
         )
         assert refused.status_code == 400 and "absence must be true or false" in refused.text, refused.text
-        ml = e2e.ls_api(
-            ls,
-            "POST",
-            "/api/ml",
-            json={"url": backend.url, "project": project, "title": "cosod", "extra_params": EXTRA},
-        )
-        assert ml["state"] == "CO", ml
+        ml = e2e.connect_backend(ls, project, backend.url, extra_params=EXTRA)
         version = ml["model_version"]
         assert version.startswith(f"scosparc-p{project}-") and version.endswith("-absence")
         e2e.retrieve_predictions(ls, project)
@@ -136,12 +130,7 @@ def test_absent_images_get_the_choice_and_the_choice_is_an_empty_correction(
 
         # the pre-annotation job (POST /jobs/prelabel, in-process queue) of another project does the same
         other, k_other = upload(e2e, ls, images, "cosod absence prelabel")
-        ml = e2e.ls_api(
-            ls,
-            "POST",
-            "/api/ml",
-            json={"url": backend.url, "project": other, "title": "cosod", "extra_params": EXTRA},
-        )
+        ml = e2e.connect_backend(ls, other, backend.url, extra_params=EXTRA)
         r = requests.post(f"{backend.url}/jobs/prelabel", json={"project": other}, timeout=60)
         assert r.status_code == 202, r.text
         (job,) = r.json()["jobs"]

@@ -71,13 +71,7 @@ def test_bitmask_predictions_and_corrections_through_label_studio(
 
     base = tmp_path_factory.mktemp("bitmask")
     with start_backend(ls.url, e2e.TOKEN, base) as backend:
-        ml = e2e.ls_api(
-            ls,
-            "POST",
-            "/api/ml",
-            json={"url": backend.url, "project": project, "title": "cosod", "is_interactive": True},
-        )
-        assert ml["state"] == "CO", ml
+        ml = e2e.connect_backend(ls, project, backend.url, is_interactive=True)
         version = ml["model_version"]
         e2e.retrieve_predictions(ls, project)
         stored = e2e.predictions_by_task(ls, project)

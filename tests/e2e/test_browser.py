@@ -216,8 +216,7 @@ def test_the_predicted_mask_is_drawn_where_the_prediction_says(
     ls = label_studio
     project, tasks, opened = squares_project(e2e, ls, "brush_grouped.xml", "browser")
 
-    ml = e2e.ls_api(ls, "POST", "/api/ml", json={"url": backend.url, "project": project, "title": "cosod"})
-    assert ml["state"] == "CO", ml
+    e2e.connect_backend(ls, project, backend.url)
     e2e.retrieve_predictions(ls, project)
     (prediction,) = e2e.predictions_by_task(ls, project)[opened]
     (region,) = prediction["result"]

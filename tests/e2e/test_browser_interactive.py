@@ -62,12 +62,7 @@ def test_a_smart_keypoint_placed_in_the_editor_calls_the_backend(
     project, tasks, opened = squares_project(e2e, ls, "brush_interactive.xml", "smart")
     others = sorted(t["id"] for t in tasks if t["id"] != opened)
     with start_backend(ls.url, e2e.TOKEN, tmp_path / "backend") as backend:
-        ml = e2e.ls_api(
-            ls,
-            "POST",
-            "/api/ml",
-            json={"url": backend.url, "project": project, "title": "cosod", "is_interactive": True},
-        )
+        ml = e2e.connect_backend(ls, project, backend.url, is_interactive=True)
         assert ml["state"] == "CO" and ml["is_interactive"], ml
         e2e.retrieve_predictions(ls, project)
         first = e2e.predictions_by_task(ls, project)

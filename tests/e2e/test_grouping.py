@@ -34,20 +34,11 @@ def upload(e2e: Any, ls: Any, project: int, names: list[tuple[str, int, int]]) -
 
 
 def connect(e2e: Any, ls: Any, backend: Any, project: int, group_by: str) -> dict[str, Any]:
-    ml = e2e.ls_api(
-        ls,
-        "POST",
-        "/api/ml",
-        json={
-            "url": backend.url,
-            "project": project,
-            "title": "cosod",
-            "is_interactive": False,
-            "extra_params": {"group_by": group_by},
-        },
+    return dict(
+        e2e.connect_backend(
+            ls, project, backend.url, is_interactive=False, extra_params={"group_by": group_by}
+        )
     )
-    assert ml["state"] == "CO", ml
-    return ml
 
 
 def retrieve(e2e: Any, ls: Any, project: int) -> None:

@@ -67,12 +67,7 @@ def test_a_smart_keypoint_segments_its_task_and_propagates_to_the_group(
     red = sorted(t for t, g in task_group.items() if g == "red")
     blue = sorted(t for t, g in task_group.items() if g == "blue")
     with start_backend(ls.url, e2e.TOKEN, tmp_path, COSOD_CACHE_DIR=str(tmp_path / "features")) as backend:
-        ml = e2e.ls_api(
-            ls,
-            "POST",
-            "/api/ml",
-            json={"url": backend.url, "project": project, "title": "cosod", "is_interactive": True},
-        )
+        ml = e2e.connect_backend(ls, project, backend.url, is_interactive=True)
         e2e.retrieve_predictions(ls, project)
         first = e2e.predictions_by_task(ls, project)
         assert sorted(first) == sorted(task_group) and all(len(p) == 1 for p in first.values())

@@ -51,12 +51,7 @@ def test_annotate_finetune_promote_retrieve(label_studio, start_backend, tmp_pat
         "COSOD_CACHE_DIR": str(base / "features"),
     }
     with start_backend(label_studio.url, e2e.TOKEN, base, **env) as backend:
-        ml = e2e.ls_api(
-            label_studio,
-            "POST",
-            "/api/ml",
-            json={"url": backend.url, "project": project, "title": "cosod", "is_interactive": True},
-        )
+        ml = e2e.connect_backend(label_studio, project, backend.url, is_interactive=True)
         retrieve(e2e, label_studio, project)
         first = versions_per_task(e2e, label_studio, project)
         (v0,) = {v for vs in first.values() for v in vs}

@@ -84,7 +84,7 @@ def test_a_correction_propagates_to_the_rest_of_its_group(label_studio, start_ba
     red = sorted(t for t, g in task_group.items() if g == "red")
     blue = sorted(t for t, g in task_group.items() if g == "blue")
     with start_backend(ls.url, e2e.TOKEN, tmp_path, COSOD_CACHE_DIR=str(tmp_path / "features")) as backend:
-        e2e.ls_api(ls, "POST", "/api/ml", json={"url": backend.url, "project": project, "title": "cosod"})
+        e2e.connect_backend(ls, project, backend.url)
         e2e.retrieve_predictions(ls, project)
         first = e2e.predictions_by_task(ls, project)
         assert sorted(first) == sorted(task_group) and all(len(p) == 1 for p in first.values())

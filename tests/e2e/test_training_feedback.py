@@ -58,12 +58,7 @@ def test_start_training_says_why_no_job_or_which_job(
     )
     env = {"COSOD_TRAIN_EVERY": "1000", "COSOD_FINETUNE_STEPS": "5", "COSOD_CACHE_DIR": str(base / "feat")}
     with start_backend(label_studio.url, e2e.TOKEN, base, **env) as backend:
-        ml = {
-            p: e2e.ls_api(
-                label_studio, "POST", "/api/ml", json={"url": backend.url, "project": p, "title": "m"}
-            )
-            for p in (empty, corrected)
-        }
+        ml = {p: e2e.connect_backend(label_studio, p, backend.url, title="m") for p in (empty, corrected)}
 
         # no correction: Label Studio answers 200 and an empty body; the backend says why and starts nothing
         r = press_train(label_studio, ml[empty]["id"])
